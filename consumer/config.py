@@ -1,0 +1,290 @@
+"""One typed configuration object, read once: defaults < TOML file < environment (``SHUNT_<SECTION>__<KEY>``).
+
+Every section is frozen. Secrets are ``SecretStr`` so they never show in ``repr``, logs or ``config show``.
+librdkafka settings pass through untouched; :func:`librdkafka_config` is the one place that builds them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from consumer.errors import ConfigError
+
+ENV_PREFIX = "SHUNT_"
+ENV_DELIMITER = "__"
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+LibrdkafkaValue = str | int | float | bool
+
+
+def _packaged_or_repo(name: str) -> Path:
+    """A data folder shipped in the wheel (``consumer/_<name>``) or, in a source checkout, the repo's own."""
+    packaged = Path(__file__).parent / f"_{name}"
+    return packaged if packaged.exists() else Path(__file__).resolve().parent.parent / name
+
+
+DEFAULT_MODEL_DIR = _packaged_or_repo("models") / "shunt-sentiment"
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, and an unknown key is an error, not a silent typo."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaConfig(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "data-shunt"
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    common: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    consumer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    producer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for part in value.split(","):
+            match = _HOSTPORT.match(part.strip())
+            if match is None or not 0 < int(match.group(2)) < 65536:
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT...], got {part.strip()!r}")
+        return value
+
+
+class TopicsConfig(Section):
+    input: str = "reviews"
+    output: str = "reviews.labeled"
+    dlq: str = "reviews.dlq"
+    metrics: str = "shunt.metrics"
+    distill: str = "reviews.distill"
+
+
+class ModelConfig(Section):
+    path: Path = DEFAULT_MODEL_DIR
+    max_tokens: int = Field(default=256, ge=8, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime choose")
+    inter_op_threads: int = Field(default=1, ge=0, le=256)
+    watch_interval_s: float = Field(default=5.0, ge=0, description="how often to look for a new model; 0: never")
+
+
+class RouterConfig(Section):
+    threshold: float = Field(default=0.9, ge=0.0, le=1.0)
+    fallback: Literal["small", "dlq"] = "small"
+
+
+class PriceConfig(Section):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+def _default_prices() -> dict[str, PriceConfig]:
+    return {
+        "gpt-4o-mini": PriceConfig(input_per_mtok=0.15, output_per_mtok=0.60),
+        "gpt-4o": PriceConfig(input_per_mtok=2.50, output_per_mtok=10.00),
+        "standin": PriceConfig(input_per_mtok=0.15, output_per_mtok=0.60),
+    }
+
+
+class LlmConfig(Section):
+    base_url: str = "http://127.0.0.1:8089/v1"
+    model: str = "standin"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    rpm: int = Field(default=600, gt=0)
+    tpm: int = Field(default=200_000, gt=0)
+    max_concurrency: int = Field(default=16, gt=0, le=1024)
+    queue_high_water: int = Field(default=2_000, gt=0)
+    queue_low_water: int = Field(default=1_000, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=20)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=10, description="retries allowed per first attempt")
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset_s: float = Field(default=10.0, gt=0)
+    prompt_mass: float = Field(default=0.95, gt=0, le=1, description="S4L pruning: keep labels up to this mass")
+    hint: bool = True
+    json_schema_response: bool = True
+    max_completion_tokens: int = Field(default=20, gt=0)
+    cache_size: int = Field(default=10_000, ge=0)
+    prices: dict[str, PriceConfig] = Field(default_factory=_default_prices)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_water_marks(self) -> LlmConfig:
+        if self.queue_low_water >= self.queue_high_water:
+            raise ValueError("queue_low_water must be below queue_high_water")
+        return self
+
+    def price(self) -> PriceConfig:
+        """The price of the configured model; an unknown model costs nothing and says so in config show."""
+        return self.prices.get(self.model, PriceConfig(input_per_mtok=0.0, output_per_mtok=0.0))
+
+    def resolved_api_key(self) -> SecretStr | None:
+        return _secret(self.api_key, self.api_key_file)
+
+
+class MetricsConfig(Section):
+    interval_s: float = Field(default=10.0, gt=0)
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+class AdminConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port; the log says which")
+    enabled: bool = True
+
+
+class ServiceConfig(Section):
+    max_messages: int | None = Field(default=None, ge=1, description="stop after this many input messages")
+    idle_timeout_s: float | None = Field(default=None, gt=0, description="stop when nothing arrives this long")
+    drain_timeout_s: float = Field(default=20.0, gt=0)
+    max_text_bytes: int = Field(default=100_000, gt=0)
+    max_in_flight: int = Field(default=20_000, gt=0, description="messages read but not yet done, all paths")
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`, once, at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    llm: LlmConfig = Field(default_factory=LlmConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the TOML file, which arrives as init values.
+        return (env_settings, init_settings)
+
+
+def _secret(value: SecretStr | None, path: Path | None) -> SecretStr | None:
+    if value is not None:
+        return value
+    if path is None:
+        return None
+    try:
+        return SecretStr(path.read_text(encoding="utf-8").strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    env = ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in error["loc"][:2])
+    if error["type"] == "extra_forbidden":
+        return f"invalid configuration: unknown key {key!r}"
+    shown = "<redacted>" if any(s in key for s in ("api_key", "password")) else repr(error.get("input"))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"invalid configuration: {key} (env {env}) = {shown}: {message}"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the configuration once. ``overrides`` (from CLI flags) win over the file and the environment."""
+    values = read_toml(path) if path is not None else {}
+    try:
+        settings = Settings(**values)
+        if overrides:
+            data = deep_merge(settings.model_dump(), overrides)
+            settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(err) for err in exc.errors())) from None
+    settings.llm.resolved_api_key()
+    _secret(settings.kafka.sasl_password, settings.kafka.sasl_password_file)
+    return settings
+
+
+def librdkafka_config(kafka: KafkaConfig, role: Literal["consumer", "producer", "admin"]) -> dict[str, Any]:
+    """The one place that turns our settings into librdkafka's flat dict. User keys win over our defaults."""
+    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    if role == "consumer":
+        conf |= {
+            "group.id": kafka.group_id,
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1_000,
+            "max.poll.interval.ms": 300_000,
+        }
+    elif role == "producer":
+        conf |= {"enable.idempotence": True, "acks": "all", "linger.ms": 5, "compression.type": "lz4"}
+    conf |= dict(kafka.common)
+    if role in ("consumer", "producer"):
+        conf |= dict(getattr(kafka, role))
+    password = _secret(kafka.sasl_password, kafka.sasl_password_file)
+    if password is not None:
+        conf["sasl.password"] = password.get_secret_value()
+    return conf
+
+
+def redacted_dump(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data with every secret shown as ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    for section, key in (("llm", "api_key"), ("kafka", "sasl_password")):
+        if data[section][key] is not None:
+            data[section][key] = "**********"
+    for section in ("common", "consumer", "producer"):
+        for key in data["kafka"][section]:
+            if "password" in key or "secret" in key:
+                data["kafka"][section][key] = "**********"
+    return data
