@@ -46,7 +46,9 @@ class LazyGroup(click.Group):
 
 
 def _not_built(name: str, short_help: str) -> click.Command:
-    @click.command(name=name, short_help=short_help + " (not built yet)", context_settings={"ignore_unknown_options": True})
+    @click.command(
+        name=name, short_help=short_help + " (not built yet)", context_settings={"ignore_unknown_options": True}
+    )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def stub(args: tuple[str, ...]) -> None:
         raise click.ClickException(f"'shunt {name}' is not built yet")

@@ -196,6 +196,21 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class _InitOnly(Settings):
+    """Re-validates already merged values without reading the environment again (CLI flags win)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _secret(value: SecretStr | None, path: Path | None) -> SecretStr | None:
     if value is not None:
         return value
@@ -244,7 +259,7 @@ def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None 
         settings = Settings(**values)
         if overrides:
             data = deep_merge(settings.model_dump(), overrides)
-            settings = Settings.model_validate(data)
+            settings = Settings.model_construct(**dict(_InitOnly(**data)))
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(err) for err in exc.errors())) from None
     settings.llm.resolved_api_key()

@@ -1,0 +1,69 @@
+"""Wires the stages together and owns their lifecycles (one AsyncExitStack). No pipeline logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+import structlog
+
+from consumer.config import Settings
+from consumer.llm_pool import LlmPool
+from consumer.metrics import Meter
+from consumer.pipeline import Parts, Pipeline
+from consumer.prompting import estimate_prompt_tokens
+from consumer.scoring import OnnxScorer, ScoringStage
+from consumer.sink import KafkaSink
+
+log = structlog.get_logger(__name__)
+
+
+@contextlib.contextmanager
+def _signals(stop: asyncio.Event) -> AsyncIterator[None] | object:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("stopping", signal=sig.name)
+    stop.set()
+
+
+def load_scoring(settings: Settings) -> ScoringStage:
+    model = settings.model
+    scorer = OnnxScorer.load(
+        model.path,
+        max_tokens=model.max_tokens,
+        intra_op_threads=model.intra_op_threads,
+        inter_op_threads=model.inter_op_threads,
+    )
+    return ScoringStage(scorer)
+
+
+async def run_service(settings: Settings, stop: asyncio.Event | None = None) -> Pipeline:
+    """Run until stopped (signal, ``max_messages``, idle timeout). Returns the pipeline for inspection."""
+    stop = stop or asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(_signals(stop))  # type: ignore[arg-type]
+        scoring = load_scoring(settings)
+        stack.callback(scoring.close)
+        sink = KafkaSink(settings.kafka)
+        await sink.start()
+        stack.push_async_callback(sink.close, settings.service.drain_timeout_s)
+        pool = await stack.enter_async_context(LlmPool(settings.llm))
+        price = settings.llm.price()
+        meter = Meter(price, settings.llm.max_completion_tokens)
+        parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens)
+        pipeline = Pipeline(settings, parts)
+        log.info("service_started", input=settings.topics.input, group=settings.kafka.group_id)
+        await pipeline.run(stop)
+    log.info("service_stopped", messages=pipeline.messages_read)
+    return pipeline

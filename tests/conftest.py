@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from tests.support import kafka
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    return kafka.bootstrap()
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+@pytest.fixture
+def topics(kafka_admin: AdminClient) -> Iterator[kafka.Topics]:
+    made = kafka.Topics(kafka_admin)
+    yield made
+    made.cleanup()
