@@ -41,13 +41,13 @@ class Section(BaseModel):
 
 
 class KafkaConfig(Section):
-    bootstrap_servers: str = "127.0.0.1:9092"
-    group_id: str = "data-shunt"
-    sasl_password: SecretStr | None = None
-    sasl_password_file: Path | None = None
-    common: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
-    consumer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
-    producer: dict[str, LibrdkafkaValue] = Field(default_factory=dict)
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", description="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    group_id: str = Field(default="data-shunt", description="consumer group; instances sharing it split the partitions")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (secret; becomes sasl.password)")
+    sasl_password_file: Path | None = Field(default=None, description="file holding the SASL password")
+    common: dict[str, LibrdkafkaValue] = Field(default_factory=dict, description="librdkafka settings for every client")
+    consumer: dict[str, LibrdkafkaValue] = Field(default_factory=dict, description="librdkafka settings, consumer only")
+    producer: dict[str, LibrdkafkaValue] = Field(default_factory=dict, description="librdkafka settings, producer only")
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -60,31 +60,35 @@ class KafkaConfig(Section):
 
 
 class TopicsConfig(Section):
-    input: str = "reviews"
-    output: str = "reviews.labeled"
-    dlq: str = "reviews.dlq"
-    metrics: str = "shunt.metrics"
-    distill: str = "reviews.distill"
+    input: str = Field(default="reviews", description="reviews to label (review.v1)")
+    output: str = Field(default="reviews.labeled", description="labels, keyed by review id (labeled.v1)")
+    dlq: str = Field(default="reviews.dlq", description="messages that could not be labelled (dlq.v1)")
+    metrics: str = Field(default="shunt.metrics", description="cost meter windows (metrics.v1)")
+    distill: str = Field(default="reviews.distill", description="LLM answers kept as training labels (distill.v1)")
 
 
 class ModelConfig(Section):
-    path: Path = DEFAULT_MODEL_DIR
-    max_tokens: int = Field(default=256, ge=8, le=4096)
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    path: Path = Field(default=DEFAULT_MODEL_DIR, description="model folder: model.onnx, tokenizer.json, config.json")
+    max_tokens: int = Field(default=256, ge=8, le=4096, description="reviews are truncated to this many tokens")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="micro-batch size for the small model")
+    batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest wait to fill a micro-batch")
     intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime choose")
-    inter_op_threads: int = Field(default=1, ge=0, le=256)
+    inter_op_threads: int = Field(default=1, ge=0, le=256, description="ONNX Runtime inter-op threads")
     watch_interval_s: float = Field(default=5.0, ge=0, description="how often to look for a new model; 0: never")
 
 
 class RouterConfig(Section):
-    threshold: float = Field(default=0.9, ge=0.0, le=1.0)
-    fallback: Literal["small", "dlq"] = "small"
+    threshold: float = Field(
+        default=0.9, ge=0.0, le=1.0, description="the small label is final at or above this confidence"
+    )
+    fallback: Literal["small", "dlq"] = Field(
+        default="small", description="when the LLM gives up: publish the small label flagged, or dead-letter"
+    )
 
 
 class PriceConfig(Section):
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
+    input_per_mtok: float = Field(ge=0, description="USD per million prompt tokens")
+    output_per_mtok: float = Field(ge=0, description="USD per million completion tokens")
 
 
 def _default_prices() -> dict[str, PriceConfig]:
@@ -96,29 +100,33 @@ def _default_prices() -> dict[str, PriceConfig]:
 
 
 class LlmConfig(Section):
-    base_url: str = "http://127.0.0.1:8089/v1"
-    model: str = "standin"
-    api_key: SecretStr | None = None
-    api_key_file: Path | None = None
-    rpm: int = Field(default=600, gt=0)
-    tpm: int = Field(default=200_000, gt=0)
-    max_concurrency: int = Field(default=16, gt=0, le=1024)
-    queue_high_water: int = Field(default=2_000, gt=0)
-    queue_low_water: int = Field(default=1_000, ge=0)
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=30.0, gt=0)
-    max_attempts: int = Field(default=4, ge=1, le=20)
+    base_url: str = Field(default="http://127.0.0.1:8089/v1", description="OpenAI-compatible endpoint, up to /v1")
+    model: str = Field(default="standin", description="model name sent to the endpoint; also picks the price")
+    api_key: SecretStr | None = Field(default=None, description="bearer token (secret)")
+    api_key_file: Path | None = Field(default=None, description="file holding the API key")
+    rpm: int = Field(default=600, gt=0, description="requests per minute, for the whole group")
+    tpm: int = Field(default=200_000, gt=0, description="tokens per minute, for the whole group")
+    max_concurrency: int = Field(default=16, gt=0, le=1024, description="requests in flight at once")
+    queue_high_water: int = Field(default=2_000, gt=0, description="LLM backlog that pauses consumption")
+    queue_low_water: int = Field(default=1_000, ge=0, description="LLM backlog that resumes it")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="TCP/TLS connect timeout")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="time allowed for one answer")
+    max_attempts: int = Field(default=4, ge=1, le=20, description="tries per review, first included")
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=10, description="retries allowed per first attempt")
-    backoff_base_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
-    breaker_failures: int = Field(default=5, ge=1)
-    breaker_reset_s: float = Field(default=10.0, gt=0)
+    backoff_base_s: float = Field(default=0.5, gt=0, description="first backoff (full jitter, doubling)")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="longest backoff")
+    breaker_failures: int = Field(default=5, ge=1, description="consecutive failures that open the breaker")
+    breaker_reset_s: float = Field(default=10.0, gt=0, description="open time before a half-open probe")
     prompt_mass: float = Field(default=0.95, gt=0, le=1, description="S4L pruning: keep labels up to this mass")
-    hint: bool = True
-    json_schema_response: bool = True
-    max_completion_tokens: int = Field(default=20, gt=0)
-    cache_size: int = Field(default=10_000, ge=0)
-    prices: dict[str, PriceConfig] = Field(default_factory=_default_prices)
+    hint: bool = Field(default=True, description="S4L prompt transferring: give the LLM the small model's guess")
+    json_schema_response: bool = Field(
+        default=True, description="ask for JSON constrained to the labels (response_format)"
+    )
+    max_completion_tokens: int = Field(default=20, gt=0, description="answer length cap sent to the endpoint")
+    cache_size: int = Field(default=10_000, ge=0, description="LRU of answers for identical reviews; 0 disables")
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=_default_prices, description="USD per million input/output tokens, by model"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -142,25 +150,29 @@ class LlmConfig(Section):
 
 
 class MetricsConfig(Section):
-    interval_s: float = Field(default=10.0, gt=0)
-    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    interval_s: float = Field(default=10.0, gt=0, description="one metrics message per window of this length")
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="key of this instance's metrics"
+    )
 
 
 class AdminConfig(Section):
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="admin HTTP address (/healthz, /readyz, /metrics)")
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port; the log says which")
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="serve the admin HTTP endpoints")
 
 
 class ServiceConfig(Section):
     max_messages: int | None = Field(default=None, ge=1, description="stop after this many input messages")
     idle_timeout_s: float | None = Field(default=None, gt=0, description="stop when nothing arrives this long")
-    drain_timeout_s: float = Field(default=20.0, gt=0)
-    max_text_bytes: int = Field(default=100_000, gt=0)
+    drain_timeout_s: float = Field(default=20.0, gt=0, description="time to finish in-flight work on stop or revoke")
+    max_text_bytes: int = Field(default=100_000, gt=0, description="longer review text goes to the DLQ")
     max_in_flight: int = Field(default=20_000, gt=0, description="messages read but not yet done, all paths")
-    commit_interval_s: float = Field(default=1.0, gt=0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are stored")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log threshold")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: console on a TTY, JSON lines otherwise"
+    )
 
 
 class Settings(BaseSettings):

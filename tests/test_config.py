@@ -110,3 +110,10 @@ def test_librdkafka_passthrough_and_sasl_password(monkeypatch: pytest.MonkeyPatc
     assert consumer["sasl.password"] == "pw-123456"
     assert consumer["enable.auto.offset.store"] is False
     assert producer["enable.idempotence"] is True
+
+
+def test_configuration_reference_matches_the_code() -> None:
+    from consumer.configdoc import render
+
+    path = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert path.read_text(encoding="utf-8") == render(), "regenerate: shunt config docs --write docs/configuration.md"

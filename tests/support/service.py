@@ -1,0 +1,101 @@
+"""Run the real service (and the stand-in LLM) as subprocesses, the way an operator would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import urllib.request
+
+from tests.support.kafka import bootstrap, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def service_env(**settings: Any) -> dict[str, str]:
+    """Environment for ``shunt run``: SHUNT_<SECTION>__<KEY> from ``section__key=value`` keyword arguments."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHUNT_")}
+    env["SHUNT_KAFKA__BOOTSTRAP_SERVERS"] = bootstrap()
+    env["SHUNT_SERVICE__LOG_FORMAT"] = "json"
+    env["SHUNT_ADMIN__PORT"] = "0"
+    for key, value in settings.items():
+        env["SHUNT_" + key.upper()] = str(value)
+    return env
+
+
+class Process:
+    """A child process whose output goes to a log file the test can read after it ends."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout_s: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        finally:
+            self._log.flush()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def start_service(log_path: Path, *args: str, **settings: Any) -> Process:
+    return Process([sys.executable, "-m", "consumer", "run", *args], service_env(**settings), log_path)
+
+
+def start_standin(log_path: Path, *args: str) -> tuple[Process, str]:
+    """The stand-in LLM server on a free port; returns it and its base URL once it answers /stats."""
+    port = free_port()
+    proc = Process(
+        [sys.executable, "-m", "consumer", "llm-standin", "--port", str(port), *args],
+        {k: v for k, v in os.environ.items() if not k.startswith("SHUNT_")},
+        log_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(f"{url}/stats") or proc.proc.poll() is not None, 30, "stand-in answers /stats")
+    assert proc.proc.poll() is None, proc.log()
+    return proc, f"{url}/v1"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - a loopback test URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def stats(base_url: str) -> dict[str, Any]:
+    import orjson
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as response:  # noqa: S310
+        data: dict[str, Any] = orjson.loads(response.read())
+        return data
+
+
+def elapsed_since(start: float) -> float:
+    return time.monotonic() - start
