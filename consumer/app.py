@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
 
 import structlog
 
 from consumer.config import Settings
 from consumer.llm_pool import LlmPool
 from consumer.metrics import Meter
+from consumer.observability import observability
 from consumer.pipeline import Parts, Pipeline
 from consumer.prompting import estimate_prompt_tokens
+from consumer.reload import ModelWatcher
 from consumer.scoring import OnnxScorer, ScoringStage
 from consumer.sink import KafkaSink
 
@@ -21,7 +25,7 @@ log = structlog.get_logger(__name__)
 
 
 @contextlib.contextmanager
-def _signals(stop: asyncio.Event) -> AsyncIterator[None] | object:
+def _signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
@@ -37,32 +41,55 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
     stop.set()
 
 
-def load_scoring(settings: Settings) -> ScoringStage:
+def load_scorer(settings: Settings, path: Path | None = None) -> OnnxScorer:
     model = settings.model
-    scorer = OnnxScorer.load(
-        model.path,
+    return OnnxScorer.load(
+        path or model.path,
         max_tokens=model.max_tokens,
         intra_op_threads=model.intra_op_threads,
         inter_op_threads=model.inter_op_threads,
     )
-    return ScoringStage(scorer)
+
+
+@contextlib.asynccontextmanager
+async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``coro`` as a task for the life of the block; cancel it and wait for it at the end."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _watch_model(stack: contextlib.AsyncExitStack, settings: Settings, scoring: ScoringStage) -> None:
+    if settings.model.watch_interval_s <= 0:
+        return
+    watcher = ModelWatcher(
+        settings.model.path, settings.model.watch_interval_s, lambda p: load_scorer(settings, p), scoring.swap
+    )
+    await stack.enter_async_context(background(watcher.run(), "model-watcher"))
 
 
 async def run_service(settings: Settings, stop: asyncio.Event | None = None) -> Pipeline:
     """Run until stopped (signal, ``max_messages``, idle timeout). Returns the pipeline for inspection."""
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(_signals(stop))  # type: ignore[arg-type]
-        scoring = load_scoring(settings)
+        stack.enter_context(_signals(stop))
+        scoring = ScoringStage(load_scorer(settings))
         stack.callback(scoring.close)
+        await _watch_model(stack, settings, scoring)
         sink = KafkaSink(settings.kafka)
         await sink.start()
         stack.push_async_callback(sink.close, settings.service.drain_timeout_s)
-        pool = await stack.enter_async_context(LlmPool(settings.llm))
+        pool = await stack.enter_async_context(LlmPool(settings.llm, drain_timeout_s=settings.service.drain_timeout_s))
         price = settings.llm.price()
         meter = Meter(price, settings.llm.max_completion_tokens)
         parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens)
         pipeline = Pipeline(settings, parts)
+        await stack.enter_async_context(
+            observability(settings, meter, pipeline, pool, sink, model_version=lambda: scoring.scorer.version)
+        )
         log.info("service_started", input=settings.topics.input, group=settings.kafka.group_id)
         await pipeline.run(stop)
     log.info("service_stopped", messages=pipeline.messages_read)

@@ -68,6 +68,10 @@ class OffsetTracker:
         keys = self._parts if tps is None else [tp for tp in tps if tp in self._parts]
         return sum(len(self._parts[tp].pending) for tp in keys)
 
+    def watermarks(self) -> dict[TopicPartition, int]:
+        """The current watermark per owned partition, without marking it handed out (for lag metrics)."""
+        return {tp: mark for tp, part in self._parts.items() if (mark := part.watermark()) is not None}
+
     def to_store(self, tps: list[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Watermarks that moved since last asked, for the given (default: all) partitions."""
         moved: dict[TopicPartition, int] = {}

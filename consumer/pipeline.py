@@ -142,7 +142,9 @@ class Pipeline:
 
     async def _finish(self) -> None:
         self.source.store(self.tracker.to_store())
-        await self.source.commit()
+        marks = self.tracker.watermarks()
+        await self.source.commit(marks)
+        log.info("offsets_committed", offsets={f"{t}/{p}": o for (t, p), o in marks.items()})
         await self._sink.flush(self._s.service.drain_timeout_s)
         await self.source.close()
 
@@ -157,8 +159,8 @@ class Pipeline:
             self._apply_backpressure()
             wait = self._s.model.batch_max_wait_ms / 1000 if not self._paused else _IDLE_POLL_S
             messages = await self.source.poll(self._s.model.batch_size, max(wait, 0.001))
-            if messages:
-                idle_since = time.monotonic()
+            if messages or not self.tracker.owned():
+                idle_since = time.monotonic()  # idle only counts while partitions are ours
                 await self._accept(messages)
             elif self._idle_for(idle_since):
                 log.info("idle_timeout", seconds=service.idle_timeout_s)
@@ -212,12 +214,14 @@ class Pipeline:
         task.add_done_callback(self._llm_tasks.discard)
 
     async def _ask_llm(self, scored: Scored) -> None:
+        started = time.monotonic()
         outcome = await self._llm.label(scored)
         origin = scored.review.origin
         if isinstance(outcome, LlmAnswer):
             distill = not outcome.cached
             done = _Completion(origin, 2 if distill else 1, self._finish_one, "large")
-            done.answer, done.cost_usd = outcome, outcome.cost_usd
+            done.answer, done.cost_usd, done.started = outcome, outcome.cost_usd, started
+            done.est_tokens = self._estimate(scored.review.text)
             await self._publish_labeled(scored, outcome, done)
             if distill:
                 value = contracts.dumps(outputs.distill(scored, outcome))
@@ -225,6 +229,7 @@ class Pipeline:
         elif on_give_up(self._s.router.fallback) == "publish_fallback":
             done = _Completion(origin, 1, self._finish_one, "fallback")
             done.cost_usd, done.est_tokens = outcome.cost_usd, self._estimate(scored.review.text)
+            done.started = started
             await self._publish_labeled(scored, outcome, done)
         else:
             await self._dead_letter("llm_failed", _failure_text(outcome), origin, None, review=scored.review)

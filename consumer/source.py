@@ -84,17 +84,17 @@ class KafkaSource:
                 # A partition revoked a moment ago cannot be stored; its new owner re-reads from the last commit.
                 log.info("store_offsets_skipped", reason=str(exc))
 
-    async def commit(self) -> None:
-        """Synchronously commit what is stored (shutdown, revoke)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._commit_stored)
+    async def commit(self, offsets: dict[TP, int]) -> None:
+        """Synchronously commit these offsets (shutdown)."""
+        if offsets:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._commit, offsets)
 
-    def _commit_stored(self) -> None:
+    def _commit(self, offsets: dict[TP, int]) -> None:
         try:
-            self._consumer.commit(asynchronous=False)
+            self._consumer.commit(offsets=_kafka_tps(offsets), asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("commit_failed", reason=str(exc))
+            log.warning("commit_failed", reason=str(exc))
 
     def pause(self) -> None:
         assignment = self._consumer.assignment()

@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import orjson
@@ -47,10 +47,8 @@ class Topics:
         if self.created:
             futures = self._admin.delete_topics(self.created, operation_timeout=30)
             for future in futures.values():
-                try:
+                with suppress(KafkaException):
                     future.result(timeout=30)
-                except KafkaException:
-                    pass
 
 
 def _has_leaders(admin: AdminClient, topic: str, partitions: int) -> bool:
@@ -69,8 +67,13 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interva
         time.sleep(interval_s)
 
 
-def produce(topic: str, values: Iterable[bytes | None], keys: Iterable[bytes | None] | None = None,
-            headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> int:
+def produce(
+    topic: str,
+    values: Iterable[bytes | None],
+    keys: Iterable[bytes | None] | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> int:
     producer = Producer({"bootstrap.servers": bootstrap(), "linger.ms": 20, "enable.idempotence": True})
     count = 0
     key_iter = iter(keys) if keys is not None else None

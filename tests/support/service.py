@@ -8,10 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO, Any
-
-import urllib.request
 
 from tests.support.kafka import bootstrap, wait_for
 
@@ -25,7 +24,8 @@ def free_port() -> int:
 
 def service_env(**settings: Any) -> dict[str, str]:
     """Environment for ``shunt run``: SHUNT_<SECTION>__<KEY> from ``section__key=value`` keyword arguments."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHUNT_")}
+    # Settings from the outer environment do not leak in, except the model folder (to test another model).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHUNT_") or k == "SHUNT_MODEL__PATH"}
     env["SHUNT_KAFKA__BOOTSTRAP_SERVERS"] = bootstrap()
     env["SHUNT_SERVICE__LOG_FORMAT"] = "json"
     env["SHUNT_ADMIN__PORT"] = "0"
@@ -43,10 +43,9 @@ class Process:
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout_s: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        finally:
-            self._log.flush()
+        code = self.proc.wait(timeout=timeout_s)
+        self._log.close()
+        return code
 
     def signal(self, sig: signal.Signals) -> None:
         if self.proc.poll() is None:
@@ -55,11 +54,12 @@ class Process:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=30)
+        self.proc.wait(timeout=30)
         self._log.close()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
 
@@ -83,7 +83,7 @@ def start_standin(log_path: Path, *args: str) -> tuple[Process, str]:
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - a loopback test URL
+        with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
     except OSError:
         return False
@@ -92,10 +92,60 @@ def _answers(url: str) -> bool:
 def stats(base_url: str) -> dict[str, Any]:
     import orjson
 
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/stats", timeout=5) as response:
         data: dict[str, Any] = orjson.loads(response.read())
         return data
 
 
 def elapsed_since(start: float) -> float:
     return time.monotonic() - start
+
+
+def control(base_url: str, **changes: Any) -> None:
+    """Change the stand-in's faults while it runs (latency, error rates, limits)."""
+    import orjson
+
+    request = urllib.request.Request(
+        base_url.removesuffix("/v1") + "/control",
+        data=orjson.dumps(changes),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+
+
+class Collector:
+    """Keeps reading a topic from the start, collecting decoded JSON values, for waits during a run."""
+
+    def __init__(self, topic: str) -> None:
+        from confluent_kafka import Consumer
+
+        from tests.support.kafka import unique
+
+        self.values: list[dict[str, Any]] = []
+        self._consumer = Consumer(
+            {"bootstrap.servers": bootstrap(), "group.id": unique("collector"), "auto.offset.reset": "earliest",
+             "enable.auto.commit": False}
+        )  # fmt: skip
+        self._consumer.subscribe([topic])
+
+    def poll(self, seconds: float = 0.2) -> int:
+        import orjson
+
+        for message in self._consumer.consume(2000, seconds):
+            if message.error() is None and message.value() is not None:
+                self.values.append(orjson.loads(message.value()))
+        return len(self.values)
+
+    def wait_count(self, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s}s: {len(self.values)} of {count} messages")
+
+    def ids(self) -> list[str]:
+        return [str(v["id"]) for v in self.values]
+
+    def close(self) -> None:
+        self._consumer.close()
