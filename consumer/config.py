@@ -168,7 +168,7 @@ class ServiceConfig(Section):
     drain_timeout_s: float = Field(default=20.0, gt=0, description="time to finish in-flight work on stop or revoke")
     max_text_bytes: int = Field(default=100_000, gt=0, description="longer review text goes to the DLQ")
     max_in_flight: int = Field(default=20_000, gt=0, description="messages read but not yet done, all paths")
-    commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are stored")
+    commit_interval_s: float = Field(default=0.5, gt=0, description="how often done offsets are stored")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log threshold")
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="auto: console on a TTY, JSON lines otherwise"
@@ -289,6 +289,7 @@ def librdkafka_config(kafka: KafkaConfig, role: Literal["consumer", "producer", 
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
+            "auto.commit.interval.ms": 1_000,  # duplicates after a crash are bounded by about this much work
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
             "max.poll.interval.ms": 300_000,

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from confluent_kafka.admin import AdminClient
 
 from tests.support import kafka
@@ -23,3 +24,10 @@ def topics(kafka_admin: AdminClient) -> Iterator[kafka.Topics]:
     made = kafka.Topics(kafka_admin)
     yield made
     made.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """Commands run in-process configure structlog globally; put it back so log-capturing tests stay honest."""
+    yield
+    structlog.reset_defaults()

@@ -8,12 +8,14 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+import structlog
 from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,6 +31,15 @@ from consumer.training import expected_calibration_error
 pytestmark = pytest.mark.timeout(120)
 
 PROBS = {"negative": 0.3, "positive": 0.7}
+
+
+@pytest.fixture(autouse=True)
+def keep_logging_config() -> Iterator[None]:
+    """The command configures structlog for its process; run in-process here, that must not leak into
+    other tests (a filtering level would hide the events they capture)."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def item(
