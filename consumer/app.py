@@ -71,11 +71,17 @@ async def _watch_model(stack: contextlib.AsyncExitStack, settings: Settings, sco
     await stack.enter_async_context(background(watcher.run(), "model-watcher"))
 
 
-async def run_service(settings: Settings, stop: asyncio.Event | None = None) -> Pipeline:
-    """Run until stopped (signal, ``max_messages``, idle timeout). Returns the pipeline for inspection."""
+async def run_service(
+    settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True
+) -> Pipeline:
+    """Run until stopped (signal, ``max_messages``, idle timeout, or ``stop`` set by the caller).
+
+    ``handle_signals=False`` leaves SIGTERM/SIGINT to a caller that embeds the service (the demo).
+    Returns the pipeline for inspection."""
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(_signals(stop))
+        if handle_signals:
+            stack.enter_context(_signals(stop))
         scoring = ScoringStage(load_scorer(settings))
         stack.callback(scoring.close)
         await _watch_model(stack, settings, scoring)

@@ -97,7 +97,9 @@ class KafkaSink:
         if left:
             log.error("producer_closed_with_undelivered", count=left)
         self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._thread.join)
+        await loop.run_in_executor(None, self._producer.close)  # now, not whenever the GC gets to it
         for task in list(self._retry_tasks):
             task.cancel()
         await asyncio.gather(*self._retry_tasks, return_exceptions=True)

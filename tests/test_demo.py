@@ -142,8 +142,9 @@ def test_summary_numbers_and_topic_names() -> None:
     summary = summarise(tally, run, {"requests": 1, "rate_limited_sent": 0, "max_requests_in_any_60s_window": 1})
     assert summary.share_to_llm == 0.5
     assert summary.accuracy == {"small": 0.5, "llm": 1.0, "shunt": 1.0}
-    assert 0 < summary.spend_usd < summary.baseline_usd
-    assert summary.savings_usd == pytest.approx(summary.baseline_usd - summary.spend_usd)
+    money = summary.money
+    assert money.source == "outputs" and 0 < money.spend_usd < money.baseline_usd
+    assert money.savings_usd == pytest.approx(money.baseline_usd - money.spend_usd)
     topics = Topics.for_run("abc")
     assert (topics.input, topics.output) == ("demo-abc.reviews", "demo-abc.reviews.labeled")
     assert topics.partitions(3)[topics.input] == 3 and topics.partitions(3)[topics.dlq] == 1
@@ -238,9 +239,11 @@ def test_demo_small_runs_to_a_plausible_summary_and_leaves_nothing_running(
     assert s["accuracy"]["shunt"] >= s["accuracy"]["small"] - 0.01
     assert 0.85 <= s["accuracy"]["llm"] <= 1.0
     assert s["llm_as_predicted"] == s["llm_checked"] > 0, "the stand-in answered online as the oracle offline"
-    assert 0 < s["spend_usd"] < s["baseline_usd"]
+    money = s["money"]
+    assert 0 < money["spend_usd"] < money["baseline_usd"]
+    assert money["outputs_spend_usd"] == pytest.approx(money["spend_usd"]), "the outputs reconcile with the meter"
     assert s["llm_peak_per_minute"] <= s["llm_rpm"]
-    assert s["savings_usd"] == pytest.approx(s["baseline_usd"] - s["spend_usd"])
+    assert money["savings_usd"] == pytest.approx(money["baseline_usd"] - money["spend_usd"])
     assert s["latency_ms"]["all"]["p50"] is not None and s["latency_ms"]["large"]["count"] > 0
     assert_nothing_left(process)
 

@@ -21,7 +21,7 @@ from consumer.reviewgen import generate
 from tests.support import kafka
 from tests.support.service import Collector, Process, control, start_service, start_standin, stats
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).parent.parent
 
 
@@ -153,7 +153,10 @@ def test_broker_restart_mid_run_recovers_by_itself(topics: kafka.Topics, tmp_pat
         out.wait_count(len(rows) // 5, 180)
         subprocess.run(["bash", str(ROOT / "ops/kafka/kafka.sh"), "stop"], check=True, timeout=60)
         subprocess.run(["bash", str(ROOT / "ops/kafka/kafka.sh"), "start"], check=True, timeout=120)
-        duplicates = assert_all_labeled(out, rows, 300)
+        try:
+            duplicates = assert_all_labeled(out, rows, 240)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nservice log tail:\n{proc.log()[-4000:]}") from None
         assert proc.wait(120) == 0, proc.log()[-3000:]
         print(f"broker restart mid-run: 0 lost, {duplicates} duplicates")
     finally:

@@ -16,9 +16,7 @@ from consumer.commands.common import config_option, prune, settings_from
 @click.option("--group", help="Consumer group id (kafka.group_id).")
 @click.option("--input-topic", help="Topic to read reviews from (topics.input).")
 @click.option("--output-topic", help="Topic to write labels to (topics.output).")
-@click.option(
-    "--threshold", type=float, help="Small model decides at or above this confidence (router.threshold)."
-)
+@click.option("--threshold", type=float, help="Small model decides at or above this confidence (router.threshold).")
 @click.option("--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8089/v1 (llm.base_url).")
 @click.option("--llm-model", help="Model name sent to the LLM endpoint (llm.model).")
 @click.option("--max-messages", type=int, help="Stop after reading this many input messages (service.max_messages).")

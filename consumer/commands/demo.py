@@ -1,0 +1,155 @@
+"""``shunt demo``: the whole pipeline on an embedded broker, with live progress and a cost summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from consumer import logs
+from consumer.demo import DemoOptions, Snapshot, Summary, run_demo
+from consumer.standin import parse_latency
+
+
+def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
+    try:
+        return parse_latency(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command(name="demo")
+@click.option("--bootstrap", metavar="HOST:PORT", help="Use this Kafka instead of starting the embedded broker.")
+@click.option("--reviews", type=click.IntRange(min=2), help="Reviews in the stream.  [default: 2000; 300 with --small]")
+@click.option("--rate", type=click.FloatRange(min=0), help="Reviews per second; 0: as fast as possible.  "
+              "[default: 40; 100 with --small]")  # fmt: skip
+@click.option("--threshold", type=click.FloatRange(0, 1), help="The small model decides at or above this confidence "
+              "(default: the service's router.threshold).")  # fmt: skip
+@click.option("--llm-accuracy", type=click.FloatRange(0, 1), default=0.96, show_default=True,
+              help="The stand-in LLM's accuracy on ordinary reviews.")  # fmt: skip
+@click.option("--llm-hard-accuracy", type=click.FloatRange(0, 1), default=0.80, show_default=True,
+              help="Its accuracy on the hard (mixed or sarcastic) ones.")  # fmt: skip
+@click.option("--llm-latency-ms", default="150-600", show_default=True, callback=_latency, metavar="LO-HI",
+              help="The stand-in's answer latency, uniform in LO-HI milliseconds.")  # fmt: skip
+@click.option("--llm-rpm", type=click.IntRange(min=1), default=900, show_default=True,
+              help="The stand-in's requests/minute limit (the service is configured to respect it).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the reviews and the stand-in.")
+@click.option("--small", is_flag=True, help="A CI-sized run: 300 reviews at 100/s.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the summary as JSON to this file.")  # fmt: skip
+@click.option("-v", "--verbose", is_flag=True, help="Show the service's info logs (stderr).")
+def command(small: bool, summary_json: Path | None, verbose: bool, **given: Any) -> None:
+    """Run the whole thing on one machine and show what it cost.
+
+    Starts a Kafka-protocol broker (Tansu, embedded: no Java, no Docker) unless --bootstrap is given, the
+    stand-in LLM (an oracle that is right --llm-accuracy of the time, with latency and a rate limit), a
+    stream of synthetic reviews with known labels, and the service itself. Ends with accuracy against the
+    true labels (small model only, LLM only, the shunt), the LLM spend, what sending every review to the
+    LLM would have cost, and latency. Ctrl-C stops early (within seconds) and still summarises.
+    """
+    level = "info" if verbose else "warning"
+    logs.configure(level, "auto")
+    given = {key: value for key, value in given.items() if value is not None} | {"log_level": level}
+    options = DemoOptions.small(**given) if small else DemoOptions(**given)
+    console = Console()
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        summary = run_demo(options, _LiveView(live))
+    console.line()
+    console.print(render_summary(summary))
+    if summary_json is not None:
+        summary_json.write_bytes(orjson.dumps(summary.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
+
+
+class _LiveView:
+    """Renders each snapshot into the live area."""
+
+    def __init__(self, live: Live) -> None:
+        self._live = live
+
+    def progress(self, snapshot: Snapshot) -> None:
+        self._live.update(render_progress(snapshot), refresh=True)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.4f}"
+
+
+def render_progress(s: Snapshot) -> Group:
+    """The live view: two bars, the routing split and the money so far."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(justify="right", style="bold")
+    grid.add_column()
+    grid.add_column(justify="right")
+    grid.add_row("produced", ProgressBar(total=s.total, completed=s.produced, width=40), f"{s.produced}/{s.total}")
+    grid.add_row("labelled", ProgressBar(total=s.total, completed=s.labelled, width=40), f"{s.labelled}/{s.total}")
+    to_llm = s.llm / s.labelled if s.labelled else None
+    grid.add_row("routed", f"small model {s.small}   LLM {s.llm} ({_pct(to_llm)})   DLQ {s.dlq}", "")
+    saved = 1 - s.spend_usd / s.baseline_usd if s.baseline_usd > 0 else None
+    grid.add_row("spend", f"{_usd(s.spend_usd)} of {_usd(s.baseline_usd)} all-LLM baseline (saved {_pct(saved)})", "")
+    grid.add_row("LLM", f"{s.llm_requests} requests, {s.llm_429s} answered 429", f"{s.elapsed_s:5.1f} s")
+    return Group(Text(f"shunt demo: {s.phase}", style="bold cyan"), grid)
+
+
+def _latency_row(latency: dict[str, dict[str, Any]], path: str) -> str:
+    stats = latency.get(path)
+    if not stats or stats.get("p50") is None:
+        return "-"
+    return f"p50 {stats['p50']:.0f}  p95 {stats['p95']:.0f}  p99 {stats['p99']:.0f}  (n={stats['count']})"
+
+
+def render_summary(s: Summary) -> Table:
+    """The summary table, with how each number was made."""
+    title = "shunt demo: summary" + (" (interrupted)" if s.interrupted else "")
+    table = Table(title=title, show_header=False, title_justify="left", min_width=78)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for label, value in _summary_rows(s):
+        table.add_row(label, value)
+    if not s.complete:
+        table.add_row("warning", "not every output was read back in time; the numbers cover those that were")
+    return table
+
+
+def _summary_rows(s: Summary) -> list[tuple[str, str]]:
+    acc, m = s.accuracy, s.money
+    source = "the service's metrics topic" if m.source == "metrics" else "the outputs, priced like the service's meter"
+    if m.source == "metrics":
+        source += f"; the outputs' cost_usd add up to {_usd(m.outputs_spend_usd)}"
+    llm_note = f"stand-in oracle, {s.llm_accuracy[0]:.0%} / {s.llm_accuracy[1]:.0%} on hard reviews"
+    checked = f"{s.llm_as_predicted}/{s.llm_checked} online answers matched the offline oracle"
+    return [
+        ("reviews", f"{s.labelled} labelled of {s.reviews} ({s.produced} produced, {s.dlq} dead-lettered)"),
+        ("small model", f"{s.small} decided alone (threshold {s.threshold}, model {s.model_version})"),
+        (
+            "sent to the LLM",
+            f"{s.large + s.fallback} = {_pct(s.share_to_llm)}  ({s.llm_cached} answered from the "
+            f"service's cache, {s.fallback} fell back to the small label)",
+        ),
+        ("accuracy: small only", _pct(acc["small"])),
+        ("accuracy: LLM only", f"{_pct(acc['llm'])}  ({llm_note}; {checked})"),
+        ("accuracy: the shunt", _pct(acc["shunt"])),
+        ("LLM spend", f"{_usd(m.spend_usd)}  ({source})"),
+        ("all-LLM baseline", f"{_usd(m.baseline_usd)}  (had every review gone to the LLM)"),
+        ("saved", f"{_usd(m.savings_usd)}  (paid {_pct(m.cost_ratio)} of the baseline)"),
+        ("latency ms, all", _latency_row(s.latency_ms, "all")),
+        ("latency ms, small", _latency_row(s.latency_ms, "small")),
+        ("latency ms, LLM", _latency_row(s.latency_ms, "large")),
+        (
+            "LLM calls",
+            f"{s.llm_requests} requests, {s.llm_429s} answered 429; at most {s.llm_peak_per_minute} "
+            f"in any 60 s (limit {s.llm_rpm}/min)",
+        ),
+        ("broker", s.broker),
+        ("wall time", f"{s.wall_s:.1f} s"),
+    ]
