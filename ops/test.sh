@@ -27,7 +27,7 @@ echo "== ruff format --check" && ruff format --check consumer tests ops
 echo "== mypy --strict consumer" && mypy consumer
 echo "== pytest (Kafka at $KAFKA_BOOTSTRAP)"
 set +e
-python -m pytest "$@"
+python -m pytest -v --durations=15 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
@@ -31,3 +31,19 @@ def _fresh_structlog() -> Iterator[None]:
     """Commands run in-process configure structlog globally; put it back so log-capturing tests stay honest."""
     yield
     structlog.reset_defaults()
+
+
+MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def report() -> Callable[[str], None]:
+    """Tests record what they measured (duplicates, drain time, RSS); the run prints it at the end."""
+    return MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in MEASUREMENTS:
+            terminalreporter.write_line(line)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,7 +153,9 @@ def test_every_bad_message_is_dead_lettered_and_every_good_one_labeled(harness: 
     assert harness.service.proc.poll() is None
 
 
-def test_the_service_survived_everything(harness: Harness) -> None:
+def test_the_service_survived_everything(harness: Harness, report: Callable[[str], None]) -> None:
     assert harness.service.proc.poll() is None
     for value in harness.output.values:
         contracts.validate("labeled", value)
+    reasons = Counter(d["reason"] for d in harness.dlq.values)
+    report(f"bad input: {sum(reasons.values())} dead letters {dict(reasons)}, {len(harness.output.values)} labeled")

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,9 @@ def test_committed_offset_never_passes_an_unfinished_message(
         proc.kill()
 
 
-def test_kill_9_three_times_loses_nothing(topics: kafka.Topics, tmp_path: Path, fast_llm: str) -> None:
+def test_kill_9_three_times_loses_nothing(
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, fast_llm: str
+) -> None:
     rows = reviews(20_000, seed=12)
     settings = settings_for(topics, 4, fast_llm)
     kafka.produce_reviews(settings["topics__input"], rows)
@@ -103,16 +105,18 @@ def test_kill_9_three_times_loses_nothing(topics: kafka.Topics, tmp_path: Path, 
             out.wait_count(out.poll() + rnd.randint(500, 4000), 180)
             proc.proc.send_signal(signal.SIGKILL)
             proc.kill()
-            print(f"kill -9 #{run + 1} at {len(set(out.ids()))} distinct outputs ({len(out.ids())} in all)")
+            report(f"kill -9 #{run + 1} at {len(set(out.ids()))} distinct outputs ({len(out.ids())} in all)")
         final = start_service(tmp_path / "final.log", "--idle-timeout", "8", **settings)
         duplicates = assert_all_labeled(out, rows, 240)
         assert final.wait(120) == 0, final.log()[-3000:]
-        print(f"crash test: {len(rows)} reviews, 3 x kill -9, 0 lost, {duplicates} duplicates")
+        report(f"crash test: {len(rows)} reviews, 3 x kill -9, 0 lost, {duplicates} duplicates")
     finally:
         out.close()
 
 
-def test_two_instances_one_stopped_and_started_mid_run(topics: kafka.Topics, tmp_path: Path, fast_llm: str) -> None:
+def test_two_instances_one_stopped_and_started_mid_run(
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, fast_llm: str
+) -> None:
     rows = reviews(10_000, seed=13)
     settings = settings_for(topics, 4, fast_llm)
     kafka.produce_reviews(settings["topics__input"], rows)
@@ -128,7 +132,7 @@ def test_two_instances_one_stopped_and_started_mid_run(topics: kafka.Topics, tmp
         duplicates = assert_all_labeled(out, rows, 240)
         assert first.wait(120) == 0 and second.wait(120) == 0
         assert "partitions_revoked" in first.log()
-        print(f"two instances, one stopped and restarted: 0 lost, {duplicates} duplicates")
+        report(f"two instances, one stopped and restarted: 0 lost, {duplicates} duplicates")
     finally:
         out.close()
         first.kill()
@@ -141,7 +145,9 @@ def _managed_broker(address: str) -> bool:
     return status.returncode == 0 and address in status.stdout + status.stderr
 
 
-def test_broker_restart_mid_run_recovers_by_itself(topics: kafka.Topics, tmp_path: Path, fast_llm: str) -> None:
+def test_broker_restart_mid_run_recovers_by_itself(
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, fast_llm: str
+) -> None:
     if not _managed_broker(kafka.bootstrap()):
         pytest.skip("the broker at KAFKA_BOOTSTRAP is not the one ops/kafka/kafka.sh manages, so it cannot restart it")
     rows = reviews(8_000, seed=14)
@@ -158,7 +164,7 @@ def test_broker_restart_mid_run_recovers_by_itself(topics: kafka.Topics, tmp_pat
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nservice log tail:\n{proc.log()[-4000:]}") from None
         assert proc.wait(120) == 0, proc.log()[-3000:]
-        print(f"broker restart mid-run: 0 lost, {duplicates} duplicates")
+        report(f"broker restart mid-run: 0 lost, {duplicates} duplicates")
     finally:
         out.close()
         proc.kill()
@@ -170,7 +176,7 @@ def _members(admin: AdminClient, group: str) -> int:
 
 
 def test_backlog_memory_stays_flat_and_consumer_stays_in_group(
-    topics: kafka.Topics, tmp_path: Path, kafka_admin: AdminClient
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, kafka_admin: AdminClient
 ) -> None:
     rows = reviews(200_000, seed=15)
     proc_llm, slow_llm = start_standin(tmp_path / "standin.log", "--latency-ms", "200-400")
@@ -181,7 +187,7 @@ def test_backlog_memory_stays_flat_and_consumer_stays_in_group(
         samples = _sample_rss(proc, kafka_admin, settings["kafka__group_id"], seconds=45)
         warm = samples[len(samples) // 3 :]
         base, peak = warm[0], max(warm)
-        print(f"backlog RSS MB: start {samples[0]:.0f}, after warm-up {base:.0f}, peak {peak:.0f}")
+        report(f"backlog RSS MB: start {samples[0]:.0f}, after warm-up {base:.0f}, peak {peak:.0f}")
         assert peak <= base * 1.10, f"RSS grew from {base:.0f} MB to {peak:.0f} MB under backlog"
         assert peak < 500
         log = proc.log()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def test_normal_run_labels_each_review_exactly_once(
 
 
 def test_sigterm_drains_exits_zero_and_loses_nothing(
-    topics: kafka.Topics, tmp_path: Path, reviews: list[dict[str, Any]], standin: str
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, reviews: list[dict[str, Any]], standin: str
 ) -> None:
     source, output, group = topics.make("in", partitions=2), topics.make("out"), kafka.unique("g")
     kafka.produce_reviews(source, reviews)
@@ -94,11 +95,11 @@ def test_sigterm_drains_exits_zero_and_loses_nothing(
     proc.signal(signal.SIGTERM)
     code = proc.wait(30)
     drain_s = time.monotonic() - sent
-    print(f"SIGTERM to exit: {drain_s:.2f} s")
+    report(f"SIGTERM to exit: {drain_s:.2f} s")
     assert code == 0, proc.log()[-3000:]
     assert drain_s < 15 + 10
     restart = start_service(tmp_path / "second.log", "--idle-timeout", "5", **settings)
     run_to_end(restart)
     results = kafka.read_json(output, len(reviews))
     assert {r["id"] for r in results} == {r["id"] for r in reviews}
-    print(f"duplicates after SIGTERM and restart: {len(results) - len(reviews)}")
+    report(f"duplicates after SIGTERM and restart: {len(results) - len(reviews)}")
