@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
+from consumer import datasets
 from consumer.config import PriceConfig
 from consumer.errors import ShuntError
 from consumer.prompting import Prompt, count_prompt_tokens, count_tokens, normalise_text, parse_payload
@@ -350,19 +351,9 @@ def replay_row(review_id: str | None, text: str, kind: Kind, record: Record) -> 
 def read_json_lines(path: Path, what: str) -> Iterable[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line; EvaluationError names the bad line."""
     try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise EvaluationError(f"cannot read {what} {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise EvaluationError(f"{path}:{number}: not JSON") from None
-        if not isinstance(row, dict):
-            raise EvaluationError(f"{path}:{number}: not a JSON object")
-        yield number, row
+        yield from datasets.iter_jsonl(path)
+    except datasets.DatasetError as exc:
+        raise EvaluationError(f"{what}: {exc}") from None
 
 
 def _check_replay_row(path: Path, number: int, row: Mapping[str, Any]) -> None:

@@ -43,6 +43,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from consumer.datasets import DatasetError, iter_jsonl
 from consumer.prompting import count_prompt_tokens, count_tokens, normalise_text, parse_payload
 
 log = structlog.get_logger(__name__)
@@ -135,21 +136,10 @@ class LabelBook:
     @classmethod
     def load(cls, path: Path) -> LabelBook:
         """Read JSON lines ``{"id"|"text", "label", "hard"?}``; ValueError names the bad line."""
-        rows: list[Mapping[str, Any]] = []
         try:
-            lines = path.read_bytes().splitlines()
-        except OSError as exc:
-            raise ValueError(f"cannot read label file {path}: {exc.strerror}") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raise ValueError(f"{path}:{number}: not JSON") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object")
-            rows.append(row)
+            rows = [row for _number, row in iter_jsonl(path)]
+        except DatasetError as exc:
+            raise ValueError(f"label file: {exc}") from None
         return cls(rows)
 
     def find(self, text: str, review_id: str | None) -> LabelRow | None:
