@@ -45,7 +45,10 @@ class ModelWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)  # a polling period, not a synchronisation
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # nothing unexpected may end the watcher: the old model keeps serving
+                log.exception("model_watch_failed", path=str(self._path))
 
     async def check(self) -> bool:
         """Look once; True when a new model was swapped in."""
@@ -55,10 +58,10 @@ class ModelWatcher:
         self._seen = current  # a rejected folder is not retried until it changes again
         try:
             scorer = await asyncio.get_running_loop().run_in_executor(None, self._load_and_warm)
+            self._swap(scorer)  # may refuse too (other labels than the running model's)
         except ModelLoadError as exc:
             log.error("model_reload_rejected", path=str(self._path), reason=str(exc))
             return False
-        self._swap(scorer)
         log.info("model_reloaded", path=current.split(":", 1)[0], version=scorer.version)
         return True
 
