@@ -162,7 +162,7 @@ def encode_ids(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int) -> l
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_tokens)
     try:
-        return [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]
+        return [encoding.ids for encoding in tokenizer.encode_batch_fast(list(texts))]
     finally:
         tokenizer.no_truncation()
 
@@ -411,7 +411,22 @@ def evaluate(logits: Floats, truth: Ints, temperature: float) -> dict[str, Any]:
         "ece_before": expected_calibration_error(raw, truth),
         "ece_after": expected_calibration_error(tempered, truth),
         "deciles": confidence_deciles(tempered, truth),
+        "thresholds": threshold_coverage(tempered, truth),
     }
+
+
+def threshold_coverage(
+    probs: Floats, truth: Ints, thresholds: Sequence[float] = (0.8, 0.9, 0.95, 0.99)
+) -> list[dict[str, float]]:
+    """For each routing threshold: the share the small model keeps (confidence >= t) and its accuracy there."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == truth
+    out = []
+    for threshold in thresholds:
+        kept = confidence >= threshold
+        accuracy = float(correct[kept].mean()) if kept.any() else float("nan")
+        out.append({"threshold": threshold, "coverage": float(kept.mean()), "accuracy": accuracy})
+    return out
 
 
 # --- the TF-IDF + logistic regression baseline ------------------------------------------------------
@@ -429,19 +444,27 @@ def tfidf_baseline(
     Returns the test logits, the out-of-fold temperature and the cross-validation record.
     """
     texts = np.asarray(train_texts, dtype=object)
+    vectorised: dict[bytes, tuple[Any, Any]] = {}  # one vectorizer per fold, shared by every C
 
-    def fit(fit_texts: Any, fit_targets: Floats, c: float) -> Callable[[Any], Floats]:
-        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-        x = vectorizer.fit_transform(fit_texts)
-        coef, bias = fit_logistic(x, fit_targets, np.ones(len(fit_texts)), c, config.max_iter)
-        return lambda other: np.asarray(vectorizer.transform(other) @ coef) + bias
+    def features(fit_texts: Any, eval_texts: Any, key: bytes) -> tuple[Any, Any]:
+        if key not in vectorised:
+            vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+            vectorised[key] = (vectorizer.fit_transform(fit_texts), vectorizer.transform(eval_texts))
+        return vectorised[key]
+
+    def fit_and_score(x_fit: Any, fit_targets: Floats, x_eval: Any, c: float) -> Floats:
+        coef, bias = fit_logistic(x_fit, fit_targets, np.ones(x_fit.shape[0]), c, config.max_iter)
+        out: Floats = np.asarray(x_eval @ coef) + bias
+        return out
 
     def fold_logits(fit_idx: Ints, eval_idx: Ints, c: float) -> Floats:
-        return fit(texts[fit_idx], train_targets[fit_idx], c)(texts[eval_idx])
+        x_fit, x_eval = features(texts[fit_idx], texts[eval_idx], eval_idx.tobytes())
+        return fit_and_score(x_fit, train_targets[fit_idx], x_eval, c)
 
     cv = cross_validate(fold_logits, train_targets, config, progress or (lambda _message: None))
     temperature = fit_temperature(cv.oof_logits, train_targets)
-    return fit(texts, train_targets, cv.c)(list(test_texts)), temperature, cv
+    x_train, x_test = features(texts, list(test_texts), b"all")
+    return fit_and_score(x_train, train_targets, x_test, cv.c), temperature, cv
 
 
 # --- export -----------------------------------------------------------------------------------------

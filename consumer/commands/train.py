@@ -56,6 +56,9 @@ def run_training(
     logits = test_logits(out, test_texts, config.max_tokens)
     ours = training.evaluate(logits, truth, trained.temperature)
     ours["accuracy_by_domain"] = _by_domain(logits, truth, [str(row.get("domain")) for row in test_rows])
+    # Truncating at max + 1 tells which reviews are longer than max without tokenising them whole twice.
+    longer = training.encode_ids(trained.tokenizer, test_texts, config.max_tokens + 1)
+    ours["share_truncated"] = float(np.mean([len(ids) > config.max_tokens for ids in longer]))
     metrics: dict[str, Any] = {
         "model": {"version": version, "cv": _cv(trained.cv), "train_seconds": round(train_seconds, 1)},
         "data": _data_summary(rows, train_rows, test_rows, config.seed, test_share),
@@ -122,8 +125,9 @@ def _data_summary(
 
 def render(metrics: dict[str, Any]) -> list[Table]:
     """The headline table (ours vs the baselines) and the confidence-decile table."""
-    rows = [("ours, 256 tok", metrics["test"])]
-    short = {"full_text": "tfidf+LR, full", "same_prefix": "tfidf+LR, 256 tok"}
+    tokens = metrics["options"]["max_tokens"]
+    rows = [(f"ours, {tokens} tok", metrics["test"])]
+    short = {"full_text": "tfidf+LR, full", "same_prefix": f"tfidf+LR, {tokens} tok"}
     rows += [(short[name], result["test"]) for name, result in metrics.get("baseline", {}).items()]
     headline = Table(title="held-out test split")
     headline.add_column("model")
@@ -151,6 +155,7 @@ def render(metrics: dict[str, Any]) -> list[Table]:
 @click.option("--test-share", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also fit TF-IDF + LR.")
 @click.option("--vocab-size", type=click.IntRange(100, 200_000), default=20_000, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=256, show_default=True, help="Truncation.")
 @click.option(
     "--buckets", type=click.IntRange(2**8, 2**24), default=2**18, show_default=True, help="Bigram hash buckets."
 )
@@ -162,15 +167,16 @@ def command(
     test_share: float,
     baseline: bool,
     vocab_size: int,
+    max_tokens: int,
     buckets: int,
 ) -> None:
     """Train and calibrate the small model; write the model folder and metrics.json; print the figures."""
     logs.configure("warning")
     rows = datasets.load_amazon(data_dir, _domains(domains))
-    config = training.TrainConfig(vocab_size=vocab_size, buckets=buckets, seed=seed)
+    config = training.TrainConfig(vocab_size=vocab_size, buckets=buckets, max_tokens=max_tokens, seed=seed)
     metrics = run_training(rows, out, config, test_share, baseline)
     metrics["options"] = {"seed": seed, "domains": _domains(domains), "test_share": test_share}
-    metrics["options"] |= {"vocab_size": vocab_size, "buckets": buckets}
+    metrics["options"] |= {"vocab_size": vocab_size, "buckets": buckets, "max_tokens": max_tokens}
     (out / "metrics.json").write_bytes(orjson.dumps(metrics, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     for table in render(metrics):
         Console().print(table)
