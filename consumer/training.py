@@ -50,7 +50,7 @@ LogitsFn = Callable[[Ints, Ints, float], Floats]
 
 MODEL_TYPE = "shunt-hashed-ngram-linear"
 PAD, UNK = "[PAD]", "[UNK]"
-OPSET = 17  # old enough for any onnxruntime >= 1.14, new enough for axes-as-input ops
+OPSET = 17  # with IR version 8: any onnxruntime >= 1.12 runs the graph; axes are inputs from opset 13
 _NORM_EPS = 1e-6
 
 
@@ -286,7 +286,8 @@ def cross_validate(logits_fn: LogitsFn, targets: Floats, config: TrainConfig, pr
         progress(f"C={c:g}: {config.folds}-fold accuracy {accuracy[c]:.4f}")
         if best is None or accuracy[c] > best[1]:
             best = (c, accuracy[c], oof)
-    assert best is not None, "c_grid is empty"
+    if best is None:
+        raise ValueError("TrainConfig.c_grid is empty")
     return CrossValidation(c=best[0], accuracy=accuracy, oof_logits=best[2])
 
 
@@ -480,7 +481,7 @@ def build_graph(model: LinearModel, num_labels: int) -> onnx.ModelProto:
         initializer=_initializers(model, num_labels),
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="data-shunt")
-    proto.ir_version = 8  # readable by onnxruntime >= 1.10
+    proto.ir_version = 8  # onnx's newest IR would needlessly lock out older runtimes
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
