@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,20 +25,6 @@ from consumer.scoring import OnnxScorer
 def load_default_scorer() -> OnnxScorer:
     """The scorer exactly as the service loads it with default settings."""
     return load_scorer(Settings())
-
-
-def fast_tokenising(scorer: OnnxScorer) -> OnnxScorer:
-    """The same loaded scorer, but ``encode`` uses ``encode_batch_fast`` (the proposed change, see
-    prototypes.fasttok): the ceiling that change would give, measured beside the current one."""
-    fast = copy.copy(scorer)
-
-    def encode(texts: Sequence[str]) -> dict[str, Any]:
-        cap = fast._max_chars
-        encodings = fast.tokenizer.encode_batch_fast([t if len(t) <= cap else t[:cap] for t in texts])
-        return fast._feeds([encoding.ids for encoding in encodings])
-
-    fast.encode = encode  # type: ignore[method-assign]
-    return fast
 
 
 def scorer_rates(

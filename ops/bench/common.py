@@ -32,7 +32,7 @@ import orjson
 import psutil
 import tokenizers
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.table import Table
 
@@ -252,8 +252,9 @@ def read_outputs(bootstrap: str, topic: str, timeout_s: float = 120) -> list[Out
             for message in consumer.consume(10_000, 0.5):
                 if message.error() is None:
                     records.append(_record(message))
-                    if message.offset() + 1 >= left.get(message.partition(), 0):
-                        left.pop(message.partition(), None)
+                    partition, offset = message.partition() or 0, message.offset() or 0
+                    if offset + 1 >= left.get(partition, 0):
+                        left.pop(partition, None)
     finally:
         consumer.close()
     return records
@@ -358,7 +359,8 @@ class Sampler:
         if len(self.samples) < 2:
             return 0.0
         first, last = self.samples[0], self.samples[-1]
-        return (getattr(last, attr) - getattr(first, attr)) / max(last.mono - first.mono, 1e-9)
+        spent: float = getattr(last, attr) - getattr(first, attr)
+        return spent / max(last.mono - first.mono, 1e-9)
 
     def mean_cpu(self) -> float:
         """The process's mean CPU over the sampling, in percent of one core."""
@@ -367,6 +369,10 @@ class Sampler:
     def broker_cores(self) -> float:
         """Mean cores the Kafka broker used meanwhile (on this same machine)."""
         return self._cores("broker_cpu_s")
+
+    def machine_cores(self) -> float:
+        """Mean cores busy on the whole machine while sampling."""
+        return statistics.fmean(s.machine_busy_cores for s in self.samples[1:] or self.samples) if self.samples else 0.0
 
     def others_cores(self) -> float:
         """Mean cores busy outside this process and the broker (other people's work): the noise to report."""

@@ -39,7 +39,7 @@ PROBS = {"negative": 0.1, "positive": 0.9}
 class ProposedMeter(Meter):
     """The meter with the proposed ``on_labeled`` (prototypes.meter_on_labeled)."""
 
-    on_labeled = meter_on_labeled  # type: ignore[assignment]
+    on_labeled = meter_on_labeled
 
 
 def _hops(values: list[bytes], scored: list[Scored]) -> dict[str, Callable[[int], object]]:

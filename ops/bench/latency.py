@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 import orjson
+import prototypes
 from common import (
     BENCH_DIR,
     Child,
@@ -95,7 +96,7 @@ def latencies(records: Sequence[OutputRecord], skip_before_ms: int) -> dict[str,
     """Per output path: end-to-end, in-service and publish latencies (ms) of reviews sent after the warm-up."""
     out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record.input_ms is None or record.input_ms < skip_before_ms:
+        if record.input_ms is None or record.processed_ms is None or record.input_ms < skip_before_ms:
             continue
         for path in (record.source, "all"):
             out[path]["end_to_end"].append(record.append_ms - record.input_ms)
@@ -116,10 +117,12 @@ def timeline(records: Sequence[OutputRecord], start_ms: int) -> list[tuple[int, 
     ]
 
 
-def scenario(topics: Topics, texts: Sequence[str], options: dict[str, Any], name: str, llm_url: str | None) -> dict:
+def scenario(
+    topics: Topics, texts: Sequence[str], options: dict[str, Any], name: str, llm_url: str | None
+) -> dict[str, Any]:
     """One service, one paced load, the latency percentiles per path."""
     source = topics.make(f"lat-{name}-in", PARTITIONS)
-    settings = topics.for_service(f"lat-{name}") | {
+    settings: dict[str, Any] = topics.for_service(f"lat-{name}") | {
         "topics__input": source,
         "kafka__group_id": f"bench-lat-{name}-{uuid.uuid4().hex[:6]}",
         "router__threshold": 0 if llm_url is None else options["threshold"],
@@ -202,6 +205,8 @@ def main(**options: Any) -> None:
     """Latency percentiles at a fixed share of the measured maximum, small path and mixed."""
     options["rate"] = options["load"] * max_rate(options["max_rate"])
     options["extra_env"] = parse_env_pairs(options["env_pairs"])
+    if "BENCH_PROTO" in options["extra_env"]:
+        options["extra_env"] |= prototypes.env_for(options["extra_env"]["BENCH_PROTO"])
     texts, text_source = review_texts()
     runs: dict[str, list[dict[str, Any]]] = {"small": [], "mixed": []}
     with (

@@ -116,13 +116,15 @@ def summarise(path: Path, seconds: float) -> dict[str, Any]:
     return {"seconds": seconds, "threads": shares, "tids": tids}
 
 
-def cpu_by_thread(before: dict[int, float], after: dict[int, float], names: dict[int, str], seconds: float) -> dict:
+def cpu_by_thread(
+    before: dict[int, float], after: dict[int, float], names: dict[int, str], seconds: float
+) -> dict[str, Any]:
     """Cores used per Python thread over a window, the rest as native threads."""
-    cores: Counter[str] = Counter()
+    cores: dict[str, float] = defaultdict(float)
     for tid, spent in after.items():
         name = names.get(tid, "native threads (librdkafka, ORT, rayon)")
         cores[name] += (spent - before.get(tid, 0.0)) / seconds
-    return {name: round(value, 3) for name, value in cores.most_common()}
+    return {name: round(value, 3) for name, value in sorted(cores.items(), key=lambda kv: -kv[1])}
 
 
 def profile(pid: int, seconds: int) -> dict[str, Any]:
@@ -160,7 +162,7 @@ def show(profile: dict[str, Any]) -> None:
 
 
 def _order(stage: str, data: dict[str, Any], threads: list[str]) -> float:
-    return -sum(data["threads"][t].get(stage, 0.0) for t in threads)
+    return -float(sum(data["threads"][t].get(stage, 0.0) for t in threads))
 
 
 def _cell(value: float | None) -> str:

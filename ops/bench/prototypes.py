@@ -24,8 +24,13 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+import orjson
+
+from consumer import prompting
 
 PROTO_DIR = Path(__file__).resolve().parents[2] / ".bench" / "proto"
 ENV = "BENCH_PROTO"
@@ -112,24 +117,16 @@ def glue() -> None:
 @functools.cache
 def _plain_constants(labels: tuple[str, ...]) -> tuple[int, int]:
     """(tokens of everything but the user message, bytes of the user message without the review)."""
-    import orjson
-
-    from consumer.prompting import TOKENS_PER_MESSAGE, TOKENS_PER_REPLY, _messages, count_tokens
-
-    system, user = _messages("", labels, None)
-    fixed = TOKENS_PER_REPLY + 2 * TOKENS_PER_MESSAGE + count_tokens(system["content"])
+    system, user = prompting._messages("", labels, None)
+    fixed = prompting.TOKENS_PER_REPLY + 2 * prompting.TOKENS_PER_MESSAGE + prompting.count_tokens(system["content"])
     return fixed, len(user["content"].encode("utf-8")) - len(orjson.dumps(""))
 
 
 def fast_estimate(text: str, labels: tuple[str, ...] = ("negative", "positive")) -> int:
     """Proposed ``estimate_prompt_tokens``: the plain-v1 prompt is constant text plus the JSON-escaped
     review, so only the review's JSON bytes are counted; exactly equal (glue.py checks every review)."""
-    import orjson
-
-    from consumer.prompting import BYTES_PER_TOKEN
-
     fixed, user_bytes = _plain_constants(labels)
-    return fixed + math.ceil((user_bytes + len(orjson.dumps(text))) / BYTES_PER_TOKEN)
+    return fixed + math.ceil((user_bytes + len(orjson.dumps(text))) / prompting.BYTES_PER_TOKEN)
 
 
 def meter_on_labeled(
@@ -137,8 +134,6 @@ def meter_on_labeled(
 ) -> None:
     """Proposed ``Meter.on_labeled``: the same, but the exact Fraction sum only moves when the review cost
     something (a small-path review is free, and Fraction arithmetic is the costliest line here)."""
-    from fractions import Fraction
-
     path = "large" if source == "cache" else source
     totals = self.totals
     totals.labeled += 1
@@ -160,7 +155,6 @@ def meter_on_labeled(
 
 def _fast_estimate() -> None:
     """consumer/prompting.py, estimate_prompt_tokens -> fast_estimate (above)."""
-    from consumer import prompting
 
     def estimate_prompt_tokens(text: str, labels: Any = ("negative", "positive")) -> int:
         return fast_estimate(text, tuple(labels))

@@ -33,7 +33,7 @@ from typing import Any
 
 import click
 import prototypes
-from ceilings import fast_tokenising, load_default_scorer, passthrough, rate_of, scorer_rates
+from ceilings import load_default_scorer, passthrough, rate_of, scorer_rates
 from common import (
     Sampler,
     Topics,
@@ -126,14 +126,17 @@ def profile_run(topics: Topics, source: str, count: int, variant: Variant) -> di
     settings = service_settings(topics, source, "profile", count)
     output = settings["topics__output"]
     with start_service("throughput-profile", topics.bootstrap, settings, variant.env) as child:
-        wait_for(lambda: sum(high_watermarks(topics.bootstrap, output).values()) > 5_000, 120, 0.5)
+        flowing = min(5_000, count // 10)  # past start-up, well before the end
+        wait_for(lambda: sum(high_watermarks(topics.bootstrap, output).values()) > flowing, 120, 0.5)
         result = profile(child.pid, PROFILE_SECONDS)
         child.wait(timeout_s=900)
     topics.delete([v for k, v in settings.items() if k.startswith("topics__") and k != "topics__input"])
     return result | {"variant": variant.name}
 
 
-def one_repeat(topics: Topics, source: str, options: dict[str, Any], scorer: Any, texts: list[str], n: int) -> dict:
+def one_repeat(
+    topics: Topics, source: str, options: dict[str, Any], scorer: Any, texts: list[str], n: int
+) -> dict[str, Any]:
     """The scorer at every batch size, the Kafka passthrough, then each service variant followed by the
     scorer again at the best batch size: each service run is paired with the mean of the scorer just
     before and just after it, so a burst of someone else's load is less likely to hit only one side."""
@@ -141,7 +144,6 @@ def one_repeat(topics: Topics, source: str, options: dict[str, Any], scorer: Any
     console.print(f"repeat {n + 1}: scorer alone, batch sizes {BATCH_SIZES}")
     sweep = scorer_rates(scorer, texts, reviews, BATCH_SIZES)
     best = max(sweep, key=lambda size: sweep[size]["per_s"])
-    fast = scorer_rates(fast_tokenising(scorer), texts, reviews, (best,))[best]
     console.print(f"repeat {n + 1}: passthrough")
     pass_run = passthrough(topics, source, count, Settings())
     before, services = sweep[best], {}
@@ -156,7 +158,7 @@ def one_repeat(topics: Topics, source: str, options: dict[str, Any], scorer: Any
             f"of the scorer ({services[variant.name]['pair_ceiling_per_s']:,.0f}/s), "
             f"others {services[variant.name]['pair_other_cores']:.2f} cores"
         )
-    return {"scorer": sweep, "best_batch": best, "scorer_fast": fast, "passthrough": pass_run, "service": services}
+    return {"scorer": sweep, "best_batch": best, "passthrough": pass_run, "service": services}
 
 
 def pair(run: dict[str, Any], before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -183,8 +185,6 @@ def summarise_runs(repeats: list[dict[str, Any]], variants: list[Variant]) -> di
         "scorer_best_cores": median([b["cores"] for b in best]),
         "scorer_best_batch": [r["best_batch"] for r in repeats],
         "scorer_by_batch_per_s": {b: median([r["scorer"][b]["per_s"] for r in repeats]) for b in BATCH_SIZES},
-        "scorer_fast_tokenising_per_s": median([r["scorer_fast"]["per_s"] for r in repeats]),
-        "scorer_fast_tokenising_cpu_us_per_review": median([r["scorer_fast"]["cpu_us_per_review"] for r in repeats]),
         "passthrough_per_s": median([rate_of(r["passthrough"]) for r in repeats]),
         "passthrough_client_cpu_us_per_review": median([r["passthrough"]["client_cpu_us_per_review"] for r in repeats]),
         "service": {},
@@ -233,15 +233,6 @@ def render(summary: dict[str, Any], repeats: int) -> None:
             "-",
             f"{summary['scorer_best_cpu_us_per_review']:.0f}",
             f"{summary['scorer_best_cores']:.2f}",
-        ),
-        (
-            "scorer alone with encode_batch_fast (proposed)",
-            f"{summary['scorer_fast_tokenising_per_s']:,.0f}",
-            "",
-            "",
-            "-",
-            f"{summary['scorer_fast_tokenising_cpu_us_per_review']:.0f}",
-            "",
         ),
         (
             "Kafka passthrough, no model",
