@@ -290,7 +290,10 @@ class Pipeline:
     async def on_revoke(self, tps: list[TP]) -> dict[TP, int]:
         deadline = time.monotonic() + self._s.service.drain_timeout_s / 2
         finished = await self._wait_until(lambda: self.tracker.in_flight(tps) == 0, deadline)
-        offsets = {tp: o for tp, o in self.tracker.to_store(tps).items()}
+        # Every watermark of the revoked partitions, not only those moved since the last store: a stored offset
+        # may not be auto-committed yet, and the new owner starts from what is committed.
+        revoked = set(tps)
+        offsets = {tp: o for tp, o in self.tracker.watermarks().items() if tp in revoked}
         log.info("revoke_drained", complete=finished, abandoned=self.tracker.in_flight(tps))
         self.tracker.revoke(tps)
         self._reshare()
