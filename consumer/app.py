@@ -4,36 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
-from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
 
 import structlog
 
+from consumer.aio import background, signal_handlers
 from consumer.config import Settings
-from consumer.llm_pool import LlmPool
-from consumer.metrics import Meter
-from consumer.observability import observability
-from consumer.pipeline import Parts, Pipeline
-from consumer.prompting import estimate_prompt_tokens
-from consumer.reload import ModelWatcher
-from consumer.scoring import OnnxScorer, ScoringStage
-from consumer.sink import KafkaSink
+from consumer.kafka.sink import KafkaSink
+from consumer.llm.pool import LlmPool
+from consumer.llm.prompting import estimate_prompt_tokens
+from consumer.observe.meter import Meter
+from consumer.observe.wiring import observability
+from consumer.small.reload import ModelWatcher
+from consumer.small.scoring import OnnxScorer, ScoringStage
+from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)
-
-
-@contextlib.contextmanager
-def _signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, sig)
-    try:
-        yield
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
@@ -49,17 +37,6 @@ def load_scorer(settings: Settings, path: Path | None = None) -> OnnxScorer:
         intra_op_threads=model.intra_op_threads,
         inter_op_threads=model.inter_op_threads,
     )
-
-
-@contextlib.asynccontextmanager
-async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
-    """Run ``coro`` as a task for the life of the block; cancel it and wait for it at the end."""
-    task = asyncio.create_task(coro, name=name)
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _watch_model(stack: contextlib.AsyncExitStack, settings: Settings, scoring: ScoringStage) -> None:
@@ -81,7 +58,7 @@ async def run_service(
     stop = stop or asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
-            stack.enter_context(_signals(stop))
+            stack.enter_context(signal_handlers(functools.partial(_on_signal, stop)))
         scoring = ScoringStage(load_scorer(settings))
         stack.callback(scoring.close)
         await _watch_model(stack, settings, scoring)

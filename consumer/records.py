@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Source = Literal["small", "large", "fallback", "cache"]
+TopicPartition = tuple[str, int]
+"""A partition of a topic, as a plain (topic, partition) pair: hashable, cheap, no client types."""
 
 
 @dataclass(frozen=True, slots=True)

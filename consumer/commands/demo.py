@@ -14,8 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from consumer import logs
-from consumer.demo import DemoOptions, Snapshot, Summary, run_demo
-from consumer.standin import parse_latency
+from consumer.sandbox.demo import DemoOptions, Snapshot, Summary, run_demo
+from consumer.sandbox.standin import parse_latency
 
 
 def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:

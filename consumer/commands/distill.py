@@ -1,7 +1,7 @@
 """``shunt distill``: retrain the small model from the LLM's answers (L4S), gate it, optionally promote it.
 
 Reads the distill topic to its current end (or a JSONL file of distill records), runs the two-stage
-distillation of :mod:`consumer.distill`, prints what changed, and writes ``<out>/<version>`` with a
+distillation of :mod:`consumer.offline.distill`, prints what changed, and writes ``<out>/<version>`` with a
 ``distill.json`` report only when the candidate is not worse on the original held-out set. ``--promote``
 then flips a symlink to it, and a service watching that link loads it between two batches.
 """
@@ -17,9 +17,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from consumer import datasets, distill, logs, training
+from consumer import logs
 from consumer.commands.common import config_option
 from consumer.config import Settings, librdkafka_config, load_settings
+from consumer.offline import datasets, distill, training
 
 console = Console(stderr=True)
 EXIT_REJECTED = 3  # scripts tell "ran, candidate not good enough" from a usage error (2) or a crash (1)

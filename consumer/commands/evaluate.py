@@ -1,8 +1,8 @@
 """``shunt eval``: on labelled reviews, what each threshold gains and what it costs, and which one to set.
 
-The arithmetic lives in :mod:`consumer.evaluation`; this module gathers its inputs (the data, the small
+The arithmetic lives in :mod:`consumer.offline.evaluation`; this module gathers its inputs (the data, the small
 model's predictions, the LLM's answers from a replay file, a cache or a live endpoint through the service's
-own :class:`~consumer.llm_pool.LlmPool`) and writes its outputs (a table, report.json, answers.jsonl and
+own :class:`~consumer.llm.pool.LlmPool`) and writes its outputs (a table, report.json, answers.jsonl and
 two plots).
 """
 
@@ -21,12 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from consumer import evaluation as ev
 from consumer.commands.common import config_option, prune, settings_from
 from consumer.config import LlmConfig, Settings
-from consumer.evaluation import EvaluationError, Kind, Record
-from consumer.prompting import Prompt, build_prompt
+from consumer.llm.prompting import Prompt, build_prompt
+from consumer.offline import evaluation as ev
+from consumer.offline.evaluation import EvaluationError, Kind, Record
 from consumer.records import LlmFailure, LlmOutcome, Origin, Prediction, Review, Scored
+from consumer.small.calibration import reliability
 
 ANSWERS_FILE = "answers.jsonl"
 REPORT_FILE = "report.json"
@@ -191,7 +192,7 @@ def _load_reviews(path: Path) -> list[Labelled]:
 
 def _score(reviews: Sequence[Labelled], settings: Settings) -> list[Case]:
     """The small model's prediction for every review, in batches of ``model.batch_size``."""
-    from consumer.scoring import OnnxScorer  # onnxruntime loads only when a model is really needed
+    from consumer.small.scoring import OnnxScorer  # onnxruntime loads only when a model is really needed
 
     scorer = OnnxScorer.load(settings.model.path, max_tokens=settings.model.max_tokens)
     unknown = sorted({r.label for r in reviews} - set(scorer.labels))
@@ -290,7 +291,7 @@ async def _fetch_all(
     llm: LlmConfig, todo: Sequence[Ask], cases: Sequence[Case], known: dict[str, Record], cache: ev.AnswerCache | None
 ) -> float:
     """Ask the LLM every question in ``todo`` through the service's pool; returns what the pool spent."""
-    from consumer.llm_pool import LlmPool  # aiohttp and the pool load only for a live run
+    from consumer.llm.pool import LlmPool  # aiohttp and the pool load only for a live run
 
     def done(ask: Ask, outcome: LlmOutcome) -> None:
         known[ask.key] = record = _record(outcome, ask, llm.model)
@@ -415,7 +416,7 @@ def _results(items: Sequence[ev.Item], thresholds: Sequence[float], cost_cap: fl
     llm = ev.llm_alone(items)
     swept = ev.sweep(items, thresholds)
     found = {method: ev.choices(swept[method], method, llm.accuracy, cost_cap) for method in swept}
-    bins = ev.reliability([i.confidence for i in items], [i.small == i.truth for i in items])
+    bins = reliability([i.confidence for i in items], [i.small == i.truth for i in items])
     return {
         "small_alone": ev.point_json(ev.small_alone(items)),
         "llm_alone": ev.point_json(llm),

@@ -1,16 +1,16 @@
-"""``shunt llm-standin``: the stand-in OpenAI-compatible LLM server (see :mod:`consumer.standin`)."""
+"""``shunt llm-standin``: the stand-in OpenAI-compatible LLM server (see :mod:`consumer.sandbox.standin`)."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 from typing import Any
 
 import click
 
 from consumer import logs
-from consumer.standin import Faults, StandinConfig, StandinServer, parse_latency
+from consumer.aio import signal_handlers
+from consumer.sandbox.standin import Faults, StandinConfig, StandinServer, parse_latency
 
 
 def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
@@ -84,13 +84,7 @@ def _config(options: dict[str, Any]) -> StandinConfig:
 
 async def _serve(config: StandinConfig) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with signal_handlers(lambda _sig: stop.set()):
         async with StandinServer(config) as url:
             click.echo(url, err=True)
             await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)

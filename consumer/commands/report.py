@@ -26,7 +26,7 @@ from consumer import contracts
 from consumer.commands.common import config_option, prune, settings_from
 from consumer.config import Settings, librdkafka_config
 from consumer.contracts import ContractError
-from consumer.metrics import LATENCY_PATHS, ratio
+from consumer.observe.meter import LATENCY_PATHS, ratio
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from consumer import logs
 from consumer.config import DEFAULT_MODEL_DIR
-from consumer.datasets import DatasetError, iter_jsonl
+from consumer.offline.datasets import DatasetError, iter_jsonl
 from consumer.records import Prediction
-from consumer.scoring import OnnxScorer
+from consumer.small.scoring import OnnxScorer
 
 
 def result_line(review_id: str, prediction: Prediction) -> bytes:

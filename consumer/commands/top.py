@@ -33,7 +33,7 @@ from consumer.commands.report import (
     worst_breaker,
     zero_counts,
 )
-from consumer.metrics import ratio
+from consumer.observe.meter import ratio
 
 _STALE_WINDOWS = 3
 _MIN_STALE_MS = 30_000

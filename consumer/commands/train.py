@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.table import Table
 from tokenizers import Tokenizer
 
-from consumer import datasets, logs, training
+from consumer import logs
 from consumer.config import DEFAULT_MODEL_DIR
-from consumer.scoring import OnnxScorer
+from consumer.offline import datasets, training
+from consumer.small.scoring import OnnxScorer
 
 console = Console(stderr=True)
 

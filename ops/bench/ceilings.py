@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Message, Producer
 
 from consumer.app import load_scorer
 from consumer.config import KafkaConfig, Settings, librdkafka_config
-from consumer.scoring import OnnxScorer
+from consumer.small.scoring import OnnxScorer
 
 
 def load_default_scorer() -> OnnxScorer:

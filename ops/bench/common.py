@@ -36,8 +36,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from rich.console import Console
 from rich.table import Table
 
-from consumer.datasets import DatasetError, load_amazon
-from consumer.reviewgen import generate
+from consumer.offline.datasets import DatasetError, load_amazon
+from consumer.sandbox.reviewgen import generate
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO / ".bench"

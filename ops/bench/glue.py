@@ -24,14 +24,15 @@ import orjson
 from common import median_chars, review_texts, review_value, table, write_json
 from prototypes import fast_estimate, meter_on_labeled
 
-from consumer import contracts, outputs
+from consumer import contracts
 from consumer.config import PriceConfig
-from consumer.decoding import decode
-from consumer.metrics import Meter
-from consumer.offsets import OffsetTracker
-from consumer.pipeline import _Completion
-from consumer.prompting import estimate_prompt_tokens
+from consumer.llm.prompting import estimate_prompt_tokens
+from consumer.observe.meter import Meter
 from consumer.records import Origin, Prediction, Review, Scored
+from consumer.stream import outputs
+from consumer.stream.decoding import decode
+from consumer.stream.offsets import OffsetTracker
+from consumer.stream.pipeline import _Completion
 
 PROBS = {"negative": 0.1, "positive": 0.9}
 

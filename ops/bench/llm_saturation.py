@@ -26,10 +26,10 @@ from rich.table import Table
 
 from consumer import logs
 from consumer.config import LlmConfig
-from consumer.llm_pool import LlmPool
-from consumer.ratelimit import DEFAULT_MARGIN_S, WINDOW_S
+from consumer.llm.pool import LlmPool
+from consumer.llm.ratelimit import DEFAULT_MARGIN_S, WINDOW_S
 from consumer.records import Origin, Prediction, Review, Scored
-from consumer.standin import Faults, StandinConfig, StandinServer, parse_latency
+from consumer.sandbox.standin import Faults, StandinConfig, StandinServer, parse_latency
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "amazon-reviews-train.jsonl"

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from consumer import prompting
+from consumer.llm import prompting
 
 PROTO_DIR = Path(__file__).resolve().parents[2] / ".bench" / "proto"
 ENV = "BENCH_PROTO"
@@ -56,7 +56,7 @@ def env_for(names: str) -> dict[str, str]:
 # -- the patches -----------------------------------------------------------------------------------------
 def pipelined() -> None:
     """consumer/pipeline.py, Pipeline._score_loop: score batch n+1 while batch n is routed and published."""
-    from consumer.pipeline import Pipeline
+    from consumer.stream.pipeline import Pipeline
 
     async def _score_loop(self: Any) -> None:
         ready: asyncio.Queue[asyncio.Future[Any] | None] = asyncio.Queue(2)
@@ -78,7 +78,7 @@ def pipelined() -> None:
 def workers2() -> None:
     """consumer/scoring.py, ScoringStage.__init__: two scoring threads (ONNX Runtime and tokenizers are
     thread-safe; batches still come back in order because the pipeline awaits them in order)."""
-    from consumer.scoring import ScoringStage
+    from consumer.small.scoring import ScoringStage
 
     original = ScoringStage.__init__
 
@@ -92,7 +92,7 @@ def workers2() -> None:
 def fasttok() -> None:
     """consumer/scoring.py, OnnxScorer.encode: ``encode_batch_fast`` (tokenizers >= 0.20) instead of
     ``encode_batch``: the same ids without computing character offsets, which we never read."""
-    from consumer.scoring import OnnxScorer
+    from consumer.small.scoring import OnnxScorer
 
     def encode(self: Any, texts: Any) -> Any:
         cap = self._max_chars
@@ -164,7 +164,7 @@ def _fast_estimate() -> None:
 
 def _meter_skip_zero_cost() -> None:
     """consumer/metrics.py, Meter.on_labeled -> meter_on_labeled (above)."""
-    from consumer.metrics import Meter
+    from consumer.observe.meter import Meter
 
     Meter.on_labeled = meter_on_labeled  # type: ignore[method-assign]
 
@@ -173,7 +173,7 @@ def _batched_delivery_reports() -> None:
     """consumer/sink.py, KafkaSink: the report callback appends to a list on the producer thread; after each
     ``poll`` the thread hands the whole list to the loop with one ``call_soon_threadsafe`` (one wake-up and
     one self-pipe write per poll instead of per message)."""
-    from consumer.sink import KafkaSink
+    from consumer.kafka.sink import KafkaSink
 
     def _serve_reports(self: Any) -> None:
         while not self._stop.is_set():

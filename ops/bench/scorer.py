@@ -37,8 +37,8 @@ from sklearn.linear_model import LogisticRegression
 
 from consumer import logs
 from consumer.config import DEFAULT_MODEL_DIR
-from consumer.datasets import DatasetError, load_amazon, split_amazon
-from consumer.scoring import OnnxScorer
+from consumer.offline.datasets import DatasetError, load_amazon, split_amazon
+from consumer.small.scoring import OnnxScorer
 
 REPO = Path(__file__).resolve().parents[2]
 BATCH_SIZES = (1, 8, 32, 128)

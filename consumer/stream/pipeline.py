@@ -1,0 +1,303 @@
+"""The shunt pipeline: fetch -> decode -> score (micro-batches) -> route -> publish or ask the LLM -> done.
+
+Two loops joined by a small bounded queue: the fetch loop reads and decodes while the score loop runs the
+small model on the previous batch. Uncertain reviews become tasks awaiting the LLM pool; every task is
+kept and awaited. A message is done when every message it produced is delivered; only then can its
+offset be stored, and only once every earlier offset of its partition is done too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import structlog
+
+from consumer import contracts
+from consumer.aio import cancel_and_wait, wait_until
+from consumer.config import Settings
+from consumer.errors import BadInputError
+from consumer.kafka.message import Message, origin_of
+from consumer.kafka.sink import KafkaSink, Outgoing
+from consumer.kafka.source import KafkaSource
+from consumer.observe.meter import Meter
+from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Origin, Review, Scored, Source
+from consumer.records import TopicPartition as TP
+from consumer.stream import outputs
+from consumer.stream.decoding import decode
+from consumer.stream.offsets import OffsetTracker
+from consumer.stream.routing import Route, on_give_up, route
+
+log = structlog.get_logger(__name__)
+_IDLE_POLL_S = 0.2
+_SCORE_QUEUE = 4
+
+
+class Labeler(Protocol):
+    """The LLM pool as the pipeline sees it."""
+
+    async def label(self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l") -> LlmOutcome: ...
+
+    def backlog(self) -> int: ...
+
+    def set_share(self, fraction: float) -> None: ...
+
+
+class Scoring(Protocol):
+    async def score(self, reviews: list[Review]) -> list[Scored]: ...
+
+
+TokenEstimator = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The stages the pipeline drives; the app builds them and owns their lifecycles."""
+
+    sink: KafkaSink
+    scoring: Scoring
+    llm: Labeler
+    meter: Meter
+    estimate: TokenEstimator
+
+
+class _Completion:
+    """Counts the deliveries one input message still waits for; the last one finishes it."""
+
+    __slots__ = (
+        "answer",
+        "cost_usd",
+        "dlq_reason",
+        "est_tokens",
+        "on_finish",
+        "origin",
+        "remaining",
+        "source",
+        "started",
+    )
+
+    def __init__(
+        self, origin: Origin, remaining: int, on_finish: Callable[[_Completion], None], source: Source | None = None
+    ) -> None:
+        self.origin, self.remaining, self.on_finish, self.source = origin, remaining, on_finish, source
+        self.started = time.monotonic()
+        self.answer: LlmAnswer | None = None
+        self.cost_usd = 0.0
+        self.est_tokens = 0
+        self.dlq_reason: str | None = None
+
+    def __call__(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.on_finish(self)
+
+
+class Pipeline:
+    """Owns the offset tracker and the flow; the app owns the parts' lifecycles."""
+
+    def __init__(self, settings: Settings, parts: Parts) -> None:
+        self._s = settings
+        self._sink, self._scoring, self._llm = parts.sink, parts.scoring, parts.llm
+        self._meter, self._estimate = parts.meter, parts.estimate
+        self.tracker = OffsetTracker()
+        self.source = KafkaSource(settings.kafka, [settings.topics.input], self, settings.service.drain_timeout_s)
+        self._batches: asyncio.Queue[list[Review] | None] = asyncio.Queue(_SCORE_QUEUE)
+        self._llm_tasks: set[asyncio.Task[None]] = set()
+        self._progress = asyncio.Event()
+        self._paused = False
+        self._partitions = 0
+        self.messages_read = 0
+        self.assigned = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, ``max_messages`` were read or the stream stays idle; then drain."""
+        await self.source.start()
+        self._partitions = await asyncio.get_running_loop().run_in_executor(
+            None, self.source.partition_count, self._s.topics.input
+        )
+        scorer = asyncio.create_task(self._score_loop(), name="score-loop")
+        storer = asyncio.create_task(self._store_loop(stop), name="offset-store")
+        try:
+            await self._fetch_loop(stop)
+        finally:
+            await self._batches.put(None)
+            await scorer
+            await self._drain()
+            await cancel_and_wait([storer])
+            await self._finish()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self._s.service.drain_timeout_s
+        started = time.monotonic()
+        await self._wait_until(lambda: self.tracker.in_flight() == 0, deadline)
+        await cancel_and_wait(self._llm_tasks)  # what is left is abandoned: not committed, so re-read after a restart
+        log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=self.tracker.in_flight())
+
+    async def _finish(self) -> None:
+        self.source.store(self.tracker.to_store())
+        marks = self.tracker.watermarks()
+        await self.source.commit(marks)
+        log.info("offsets_committed", offsets={f"{t}/{p}": o for (t, p), o in marks.items()})
+        await self._sink.flush(self._s.service.drain_timeout_s)
+        await self.source.close()
+
+    # -- fetch -----------------------------------------------------------------------------------------
+    async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        service = self._s.service
+        idle_since = time.monotonic()
+        while not stop.is_set():
+            if service.max_messages is not None and self.messages_read >= service.max_messages:
+                log.info("max_messages_reached", count=self.messages_read)
+                return
+            self._apply_backpressure()
+            wait = self._s.model.batch_max_wait_ms / 1000 if not self._paused else _IDLE_POLL_S
+            messages = await self.source.poll(self._s.model.batch_size, max(wait, 0.001))
+            if messages or not self.tracker.owned():
+                idle_since = time.monotonic()  # idle only counts while partitions are ours
+                await self._accept(messages)
+            elif self._idle_for(idle_since):
+                log.info("idle_timeout", seconds=service.idle_timeout_s)
+                return
+
+    def _idle_for(self, since: float) -> bool:
+        limit = self._s.service.idle_timeout_s
+        return limit is not None and time.monotonic() - since >= limit and self.tracker.in_flight() == 0
+
+    async def _accept(self, messages: list[Message]) -> None:
+        reviews: list[Review] = []
+        for message in messages:
+            origin = origin_of(message)
+            if not self.tracker.read((origin.topic, origin.partition), origin.offset):
+                continue
+            self.messages_read += 1
+            self._meter.on_input()
+            try:
+                reviews.append(decode(message.value(), origin, self._s.service.max_text_bytes))
+            except BadInputError as exc:
+                await self._dead_letter(exc.reason, exc.detail, origin, message.value())
+        if reviews:
+            await self._batches.put(reviews)
+
+    def _apply_backpressure(self) -> None:
+        llm, service = self._s.llm, self._s.service
+        backlog, in_flight = self._llm.backlog(), self.tracker.in_flight()
+        if not self._paused and (backlog >= llm.queue_high_water or in_flight >= service.max_in_flight):
+            self.source.pause()
+            self._paused = True
+            log.info("paused", llm_backlog=backlog, in_flight=in_flight)
+        elif self._paused and backlog <= llm.queue_low_water and in_flight <= service.max_in_flight // 2:
+            self.source.resume()
+            self._paused = False
+            log.info("resumed", llm_backlog=backlog, in_flight=in_flight)
+
+    # -- score and route -------------------------------------------------------------------------------
+    async def _score_loop(self) -> None:
+        while (batch := await self._batches.get()) is not None:
+            for scored in await self._scoring.score(batch):
+                await self._dispatch(scored)
+
+    async def _dispatch(self, scored: Scored) -> None:
+        if route(scored, self._s.router.threshold) is Route.SMALL:
+            done = _Completion(scored.review.origin, 1, self._finish_one, "small")
+            done.est_tokens = self._estimate(scored.review.text)
+            await self._publish_labeled(scored, None, done)
+            return
+        task = asyncio.create_task(self._ask_llm(scored))
+        self._llm_tasks.add(task)
+        task.add_done_callback(self._llm_tasks.discard)
+
+    async def _ask_llm(self, scored: Scored) -> None:
+        started = time.monotonic()
+        outcome = await self._llm.label(scored)
+        origin = scored.review.origin
+        if isinstance(outcome, LlmAnswer):
+            distill = not outcome.cached
+            done = _Completion(origin, 2 if distill else 1, self._finish_one, "large")
+            done.answer, done.cost_usd, done.started = outcome, outcome.cost_usd, started
+            done.est_tokens = self._estimate(scored.review.text)
+            await self._publish_labeled(scored, outcome, done)
+            if distill:
+                value = contracts.dumps(outputs.distill(scored, outcome))
+                await self._sink.publish(Outgoing(self._s.topics.distill, scored.review.id, value), done)
+        elif on_give_up(self._s.router.fallback) == "publish_fallback":
+            done = _Completion(origin, 1, self._finish_one, "fallback")
+            done.cost_usd, done.est_tokens = outcome.cost_usd, self._estimate(scored.review.text)
+            done.started = started
+            await self._publish_labeled(scored, outcome, done)
+        else:
+            await self._dead_letter("llm_failed", _failure_text(outcome), origin, None, review=scored.review)
+
+    # -- publish ---------------------------------------------------------------------------------------
+    async def _publish_labeled(self, scored: Scored, outcome: LlmOutcome | None, done: _Completion) -> None:
+        message = outputs.labeled(scored, outcome, self._s.router.threshold, self._s.metrics.instance_id)
+        headers = (*scored.review.origin.headers, ("shunt-source", str(message["source"]).encode()))
+        out = Outgoing(self._s.topics.output, scored.review.id, contracts.dumps(message), headers)
+        await self._sink.publish(out, done)
+
+    async def _dead_letter(
+        self, reason: str, detail: str, origin: Origin, value: bytes | None, review: Review | None = None
+    ) -> None:
+        log.warning("dead_letter", reason=reason, topic=origin.topic, partition=origin.partition, offset=origin.offset)
+        if review is not None:
+            value = contracts.dumps({"id": review.id, "text": review.text, **review.metadata})
+        message = outputs.dlq(
+            reason, detail, origin, value, self._s.metrics.instance_id, review_id=review.id if review else None
+        )
+        done = _Completion(origin, 1, self._finish_one)
+        done.dlq_reason = reason
+        await self._sink.publish(
+            Outgoing(self._s.topics.dlq, origin.key, contracts.dumps(message), origin.headers), done
+        )
+
+    def _finish_one(self, state: _Completion) -> None:
+        origin = state.origin
+        self.tracker.done((origin.topic, origin.partition), origin.offset)
+        if state.dlq_reason is not None:
+            self._meter.on_dlq(state.dlq_reason)
+        if state.source is not None:
+            latency_ms = (time.monotonic() - state.started) * 1000
+            self._meter.on_labeled(state.source, state.cost_usd, state.answer, state.est_tokens, latency_ms)
+        self._progress.set()
+
+    # -- offsets and rebalances ------------------------------------------------------------------------
+    async def _store_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self._s.service.commit_interval_s)  # a period, not a synchronisation
+            self.source.store(self.tracker.to_store())
+
+    async def _wait_until(self, condition: Callable[[], bool], deadline: float) -> bool:
+        return await wait_until(condition, deadline - time.monotonic(), wake=self._progress)
+
+    async def on_assign(self, tps: list[TP]) -> None:
+        self.tracker.assign(tps)
+        self._reshare()
+        self.assigned.set()
+
+    async def on_revoke(self, tps: list[TP]) -> dict[TP, int]:
+        deadline = time.monotonic() + self._s.service.drain_timeout_s / 2
+        finished = await self._wait_until(lambda: self.tracker.in_flight(tps) == 0, deadline)
+        # Every watermark of the revoked partitions, not only those moved since the last store: a stored offset
+        # may not be auto-committed yet, and the new owner starts from what is committed.
+        revoked = set(tps)
+        offsets = {tp: o for tp, o in self.tracker.watermarks().items() if tp in revoked}
+        log.info("revoke_drained", complete=finished, abandoned=self.tracker.in_flight(tps))
+        self.tracker.revoke(tps)
+        self._reshare()
+        return offsets
+
+    async def on_lost(self, tps: list[TP]) -> None:
+        self.tracker.revoke(tps)  # never commit for partitions that are already someone else's
+        self._reshare()
+
+    def _reshare(self) -> None:
+        owned = len(self.tracker.owned())
+        if self._partitions > 0:
+            self._llm.set_share(max(owned, 1) / self._partitions)
+
+
+def _failure_text(failure: LlmFailure) -> str:
+    return f"{failure.reason}: {failure.detail}" if failure.detail else failure.reason
