@@ -5,8 +5,30 @@ from __future__ import annotations
 import enum
 
 
+class ExitCode(enum.IntEnum):
+    """What ``shunt run`` exits with, so an orchestrator and an operator can tell the endings apart."""
+
+    OK = 0
+    CRASHED = 1  # a bug: an exception nobody expected
+    REFUSED = 2  # configuration or start-up checks refused to start (one line says why)
+    UNFINISHED = 3  # a batch-mode stop (--max-messages/--idle-timeout) left work to be read again
+    FATAL = 4  # stopped cleanly on an error it cannot handle: a permanent produce error, a task that died
+    INTERRUPTED = 130
+
+
 class ShuntError(Exception):
     """Root of every error the service raises on purpose."""
+
+
+class FatalError(ShuntError):
+    """The service cannot go on (permanent for the service); it stops cleanly and exits ``ExitCode.FATAL``.
+
+    ``what`` names the part that failed (a topic, a task), for the one ``fatal`` log event."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what}: {detail}")
+        self.what = what
+        self.detail = detail
 
 
 class ConfigError(ShuntError):
