@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: sets itself up, starts Apache Kafka unless KAFKA_BOOTSTRAP points at one, then runs
-# lint (ruff), format check, types (mypy --strict) and the whole pytest suite against the real broker.
+# lint (ruff), format check, types (mypy --strict), import rules (lint-imports) and the whole pytest suite against the real broker.
 # Extra arguments go to pytest, e.g. `bash ops/test.sh -k offsets`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +25,7 @@ export KAFKA_BOOTSTRAP
 echo "== ruff check" && ruff check consumer tests ops
 echo "== ruff format --check" && ruff format --check consumer tests ops
 echo "== mypy --strict consumer" && mypy consumer
+echo "== lint-imports (the layers in pyproject.toml)" && lint-imports
 echo "== pytest (Kafka at $KAFKA_BOOTSTRAP)"
 set +e
 python -m pytest -v --durations=15 "$@"
