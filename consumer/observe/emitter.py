@@ -18,7 +18,8 @@ import structlog
 
 from consumer import contracts
 from consumer.kafka.sink import Outgoing
-from consumer.observe.meter import Probe, Reading, ServiceInfo, Window, cost_ratio, shunt_rate
+from consumer.observe.meter import Window, cost_ratio, shunt_rate
+from consumer.observe.probe import Probe, Reading, ServiceInfo
 
 log = structlog.get_logger(__name__)
 _FINAL_ACK_TIMEOUT_S = 10.0

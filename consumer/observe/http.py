@@ -1,7 +1,7 @@
 """The admin HTTP server: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus text format).
 
 ``/metrics`` is served from a private registry by a collector that reads the meter at scrape time through
-the same :class:`~consumer.observe.meter.Probe` the metrics topic uses, so both report the same numbers.
+the same :class:`~consumer.observe.probe.Probe` the metrics topic uses, so both report the same numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
-from consumer.observe.meter import LATENCY_PATHS, Counts, Histogram, Probe, Reading, cost_ratio, shunt_rate
+from consumer.observe.meter import LATENCY_PATHS, Counts, Histogram, cost_ratio, shunt_rate
+from consumer.observe.probe import Probe, Reading
 
 log = structlog.get_logger(__name__)
 BREAKER_STATES = ("closed", "open", "half_open")

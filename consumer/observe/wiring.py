@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from consumer.config import Settings
 from consumer.observe.emitter import MetricsEmitter
 from consumer.observe.http import AdminServer
-from consumer.observe.meter import Meter, ModelVersion, PipelineView, PoolView, Probe, ServiceInfo, SinkView
+from consumer.observe.meter import Meter
+from consumer.observe.probe import ModelVersion, PipelineView, PoolView, Probe, ServiceInfo, SinkView
 
 _MIN_STALE_S = 15.0
 

@@ -26,7 +26,8 @@ from confluent_kafka import Producer
 from consumer import contracts
 from consumer.commands.report import money, percent
 from consumer.observe.emitter import MetricsEmitter
-from consumer.observe.meter import Meter, Probe, ServiceInfo
+from consumer.observe.meter import Meter
+from consumer.observe.probe import Probe, ServiceInfo
 from tests.support import kafka
 from tests.unit.observe.test_meter import (
     DEFAULT_COMPLETION,

@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from consumer.observe.http import COUNTERS, AdminServer
-from consumer.observe.meter import LATENCY_PATHS, Meter, Probe, ServiceInfo
+from consumer.observe.meter import LATENCY_PATHS, Meter
+from consumer.observe.probe import Probe, ServiceInfo
 from tests.unit.observe.test_meter import (
     DEFAULT_COMPLETION,
     PRICE,

@@ -24,16 +24,8 @@ from consumer import contracts
 from consumer.config import PriceConfig, Settings, load_settings
 from consumer.kafka.sink import KafkaSink, OnDelivered, Outgoing
 from consumer.observe.emitter import MetricsEmitter, metrics_message
-from consumer.observe.meter import (
-    Counts,
-    Meter,
-    PoolCounters,
-    Probe,
-    Reading,
-    ServiceInfo,
-    cost_ratio,
-    shunt_rate,
-)
+from consumer.observe.meter import Counts, Meter, PoolCounters, cost_ratio, shunt_rate
+from consumer.observe.probe import Probe, Reading, ServiceInfo
 from consumer.records import LlmAnswer
 from consumer.records import TopicPartition as TP
 
