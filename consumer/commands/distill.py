@@ -20,7 +20,8 @@ from rich.table import Table
 from consumer import logs
 from consumer.commands.common import config_option
 from consumer.config import Settings, librdkafka_config, load_settings
-from consumer.offline import datasets, distill, training
+from consumer.offline import datasets, distill
+from consumer.offline import train as training
 
 console = Console(stderr=True)
 EXIT_REJECTED = 3  # scripts tell "ran, candidate not good enough" from a usage error (2) or a crash (1)

@@ -37,7 +37,8 @@ from tokenizers import Tokenizer
 from consumer.errors import ShuntError
 from consumer.kafka.reader import TopicReadError, read_topics
 from consumer.llm.prompting import normalise_text
-from consumer.offline import datasets, training
+from consumer.offline import datasets
+from consumer.offline import train as training
 from consumer.small.calibration import fit_temperature, softmax
 from consumer.small.scoring import OnnxScorer
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from consumer import contracts
 from consumer.commands.distill import EXIT_REJECTED
 from consumer.commands.distill import command as distill_command
-from consumer.offline import datasets, distill, training
+from consumer.offline import datasets, distill
+from consumer.offline import train as training
 from consumer.sandbox.reviewgen import generate
 from consumer.small.scoring import OnnxScorer
 from tests.support import kafka

@@ -25,7 +25,7 @@ from consumer.commands.evaluate import command
 from consumer.config import DEFAULT_MODEL_DIR, PriceConfig, load_settings
 from consumer.llm.prompting import build_prompt, count_prompt_tokens
 from consumer.offline import evaluation as ev
-from consumer.offline.training import expected_calibration_error
+from consumer.offline.train import expected_calibration_error
 from consumer.sandbox.standin import StandinConfig, StandinServer
 from consumer.small import calibration
 

@@ -13,7 +13,7 @@ import structlog
 from click.testing import CliRunner
 
 from consumer.commands import train as train_command
-from consumer.offline import training
+from consumer.offline import train as training
 from consumer.small import calibration
 from consumer.small.scoring import OnnxScorer
 
