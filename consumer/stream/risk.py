@@ -1,0 +1,134 @@
+"""Exact binomial confidence bounds and the risk-controlled threshold.
+
+The threshold rule: the lowest tau whose upper confidence bound on the small path's error is at most
+``max_error``. Searching over tau is multiple testing; we use fixed-sequence testing (Learn then Test,
+Angelopoulos et al., 2021): the candidate taus are fixed in advance and tested from the highest (the
+fewest, surest reviews) down, each at the full level alpha, stopping at the first tau that fails. Because
+the order is fixed before looking at the labels and the search stops at the first failure, the chance that
+the chosen tau's true error exceeds ``max_error`` is at most alpha, with no Bonferroni penalty. The top of
+the grid holds too few reviews for any test to pass; the sequence starts at the first tau that keeps
+:func:`min_support` reviews, a choice made from the confidences alone, so the labels stay untouched by it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_BISECT_STEPS = 60
+
+
+def _log_binom_pmf(k: int, n: int, p: float) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+
+
+def binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact enough for n in the millions)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    logs = [_log_binom_pmf(i, n, p) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided upper (1 - alpha) bound on p after k successes in n trials (1.0 when n is 0).
+
+    The p at which P(X <= k) = alpha, found by bisection (the CDF falls as p grows); the upper end of the
+    last bracket is returned, so the bound errs on the safe side."""
+    if n <= 0 or k >= n:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(_BISECT_STEPS):
+        mid = (low + high) / 2
+        if binom_cdf(k, n, mid) > alpha:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided lower (1 - alpha) bound on p after k successes in n trials (0.0 when k is 0)."""
+    if n <= 0 or k <= 0:
+        return 0.0
+    return 1.0 - clopper_pearson_upper(n - k, n, alpha)
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A two-sided interval for a proportion: ``k`` of ``n``, point estimate and bounds."""
+
+    k: int
+    n: int
+    estimate: float | None
+    low: float
+    high: float
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """The exact two-sided interval (each tail alpha/2)."""
+    alpha = (1.0 - confidence) / 2
+    estimate = k / n if n else None
+    return Interval(k, n, estimate, clopper_pearson_lower(k, n, alpha), clopper_pearson_upper(k, n, alpha))
+
+
+def candidate_thresholds(step: float = 0.005, low: float = 0.5) -> list[float]:
+    """The fixed, data-independent grid the search walks, from the top: 1.0, 0.995, ... ``low``."""
+    count = round((1.0 - low) / step)
+    return [round(1.0 - i * step, 6) for i in range(count + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class RiskChoice:
+    """The chosen threshold (None: no tau certified, send everything), its bound and what it keeps."""
+
+    threshold: float | None
+    upper_bound: float | None
+    kept: int
+    errors: int
+    total: int
+
+    @property
+    def share_to_llm(self) -> float:
+        return 1.0 - self.kept / self.total if self.total else 1.0
+
+
+def risk_threshold(
+    confidences: Sequence[float],
+    correct: Sequence[bool],
+    max_error: float,
+    risk_confidence: float = 0.95,
+    candidates: Sequence[float] | None = None,
+) -> RiskChoice:
+    """Fixed-sequence testing from the highest candidate down; see the module docstring."""
+    alpha = 1.0 - risk_confidence
+    pairs = sorted(zip(confidences, correct, strict=True), key=lambda pair: -pair[0])
+    floor = min_support(max_error, alpha)
+    chosen = RiskChoice(None, None, 0, 0, len(pairs))
+    kept = errors = 0
+    for tau in sorted(candidates or candidate_thresholds(), reverse=True):
+        while kept < len(pairs) and pairs[kept][0] >= tau:
+            errors += not pairs[kept][1]
+            kept += 1
+        if kept < floor:
+            continue  # no test yet: too few reviews for even zero errors to pass (decided by counts, not labels)
+        bound = clopper_pearson_upper(errors, kept, alpha)
+        if bound > max_error:
+            break
+        chosen = RiskChoice(tau, bound, kept, errors, len(pairs))
+    return chosen
+
+
+def min_support(max_error: float, alpha: float) -> int:
+    """The fewest reviews for which zero errors gives an upper bound within ``max_error``: (1 - e)^n <= alpha."""
+    if max_error <= 0.0:
+        return 1 << 62
+    if max_error >= 1.0:
+        return 1
+    return math.ceil(math.log(alpha) / math.log1p(-max_error))
