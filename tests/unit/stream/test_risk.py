@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -41,7 +42,7 @@ def test_known_values_and_edges() -> None:
 def test_the_grid_is_fixed_and_walks_down_from_one() -> None:
     grid = candidate_thresholds()
     assert grid[0] == 1.0 and grid[-1] == 0.5 and len(grid) == 101
-    assert all(a > b for a, b in zip(grid, grid[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(grid))
 
 
 def _calibrated(n: int, seed: int) -> tuple[list[float], list[bool]]:
