@@ -2,14 +2,15 @@
 
 All instances of the matching groups are shown together: their latest totals are summed (an instance id
 that restarted keeps its earlier runs' totals). Throughput, latency, lag and breaker come from the latest
-window of each live instance (one that has not said ``final`` and has published recently).
+window of each live instance (one that has not said ``final`` and has published recently). The arithmetic
+is :class:`consumer.observe.summary.Fleet`; this module holds the flags and the drawing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console, Group
@@ -17,80 +18,10 @@ from rich.live import Live
 from rich.table import Table
 
 from consumer.commands.common import config_option
-from consumer.commands.report import (
-    LatencyMix,
-    MetricsReader,
-    Summary,
-    add_counts,
-    configs,
-    merged_lag,
-    money,
-    number,
-    parse_duration,
-    percent,
-    reader_settings,
-    summary_view,
-    worst_breaker,
-    zero_counts,
-)
-from consumer.observe.meter import ratio
-
-_STALE_WINDOWS = 3
-_MIN_STALE_MS = 30_000
-
-
-def _window_s(message: dict[str, Any]) -> float:
-    span_ms: int = message["window_end_ms"] - message["window_start_ms"]
-    return max(span_ms, 1) / 1000
-
-
-class Fleet:
-    """The latest message of each instance id, and the totals of its earlier runs."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, dict[str, Any]] = {}
-        self._retired: dict[str, dict[str, Any]] = {}
-        self.messages = 0
-
-    def add(self, message: dict[str, Any]) -> None:
-        self.messages += 1
-        key = message["instance_id"]
-        previous = self.latest.get(key)
-        if previous is not None and message["seq"] <= previous["seq"]:
-            # The same instance id started again from seq 0: keep what its earlier run counted.
-            self._retired[key] = add_counts(self._retired.get(key) or zero_counts(), previous["totals"])
-        self.latest[key] = message
-
-    def state(self, message: dict[str, Any], now_ms: int) -> str:
-        """``final``, ``live``, or ``stale`` (silent for several windows)."""
-        if message["final"]:
-            return "final"
-        stale_ms = max(_STALE_WINDOWS * _window_s(message) * 1000, _MIN_STALE_MS)
-        return "live" if now_ms - message["window_end_ms"] <= stale_ms else "stale"
-
-    def live(self, now_ms: int) -> list[dict[str, Any]]:
-        return [m for m in self.latest.values() if self.state(m, now_ms) == "live"]
-
-    def summary(self, now_ms: int) -> Summary:
-        counts = zero_counts()
-        for totals in [m["totals"] for m in self.latest.values()] + list(self._retired.values()):
-            add_counts(counts, totals)
-        live = self.live(now_ms)
-        latency = LatencyMix()
-        for message in live:
-            latency.add(message["latency_ms"])
-        return Summary(
-            counts=counts,
-            seconds=None,
-            reviews_per_s=sum(m["window"]["reviews_in"] / _window_s(m) for m in live) if live else None,
-            latency=latency.result(),
-            lag=merged_lag(live),
-            breaker_state=worst_breaker(m["breaker_state"] for m in live),
-            instances=sorted(self.latest),
-            groups=sorted({m["group_id"] for m in self.latest.values()}),
-            messages=self.messages,
-            configs=configs(self.latest.values()),
-        )
+from consumer.commands.render import number, percent, usd
+from consumer.commands.report import metrics_reader, parse_duration, reader_settings, summary_view
+from consumer.observe.reading import MetricsReader
+from consumer.observe.summary import Fleet, shunt_share, window_rate
 
 
 def instances_table(fleet: Fleet, now_ms: int) -> Table:
@@ -102,10 +33,10 @@ def instances_table(fleet: Fleet, now_ms: int) -> Table:
             m["group_id"],
             fleet.state(m, now_ms),
             str(m["seq"]),
-            number(m["window"]["reviews_in"] / _window_s(m)),
+            number(window_rate(m)),
             f"{t['labeled']:,}",
-            percent(ratio(t["large"] + t["fallback"], t["labeled"])),
-            money(t["cost_usd"]),
+            percent(shunt_share(t)),
+            usd(t["cost_usd"], 6),
             m["breaker_state"],
             f"{sum(m['lag'].values()):,}",
         )
@@ -156,9 +87,9 @@ def command(
     Ctrl-C exits."""
     settings = reader_settings(config_path, bootstrap, topic)
     since_ms = None if since is None else time.time_ns() // 1_000_000 - int(parse_duration(since) * 1000)
-    reader = MetricsReader(settings, since_ms, group_filter)
     fleet, console = Fleet(), Console()
-    try:
+    # Ctrl-C is how a live view ends.
+    with contextlib.suppress(KeyboardInterrupt), metrics_reader(settings, since_ms, group_filter) as reader:
         for message in reader.read_all():
             fleet.add(message)
         if once:
@@ -166,7 +97,3 @@ def command(
             return
         with Live(render(fleet, reader.topic, group_filter), console=console, auto_refresh=False) as view:
             _follow(reader, fleet, view, duration, max(refresh, 0.05))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a live view ends
-    finally:
-        reader.close()

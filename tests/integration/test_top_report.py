@@ -24,7 +24,7 @@ import pytest
 from confluent_kafka import Producer
 
 from consumer import contracts
-from consumer.commands.report import money, percent
+from consumer.commands.render import percent, usd
 from consumer.observe.emitter import MetricsEmitter
 from consumer.observe.meter import Meter
 from consumer.observe.probe import Probe, ServiceInfo
@@ -76,6 +76,11 @@ async def run_instance(
         message["window_start_ms"] = message["window_end_ms"] - WINDOW_MS
         contracts.validate("metrics", message)
     return Run(instance_id, group, messages)
+
+
+def money(value: float) -> str:
+    """Spend as ``top`` and ``report`` print it."""
+    return usd(value, 6)
 
 
 def events(small: int, large: int, fallback: int = 0, dlq: int = 0) -> list[tuple[Any, ...]]:
