@@ -19,9 +19,9 @@ from rich.table import Table
 
 from consumer import logs
 from consumer.commands.common import config_option
-from consumer.config import Settings, librdkafka_config, load_settings
-from consumer.offline import datasets, distill
-from consumer.offline import train as training
+from consumer.commands.render import percent, points
+from consumer.config import Settings, load_settings
+from consumer.offline import distill
 
 console = Console(stderr=True)
 EXIT_REJECTED = 3  # scripts tell "ran, candidate not good enough" from a usage error (2) or a crash (1)
@@ -30,38 +30,6 @@ _FIGURES = (("accuracy", "accuracy"), ("shunt_rate", "shunt rate"), ("kept_accur
 
 def _split(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
-
-
-def load_records(settings: Settings, file: Path | None, timeout_s: float) -> tuple[list[Any], str]:
-    """Raw rows and where they came from: the file, else the configured distill topic to its end."""
-    if file is not None:
-        return distill.read_file(file), str(file)
-    conf = librdkafka_config(settings.kafka, "consumer")
-    topic = settings.topics.distill
-    console.print(f"reading {topic} at {settings.kafka.bootstrap_servers} from the beginning to its end")
-    return distill.read_topic(conf, topic, timeout_s), f"{topic}@{settings.kafka.bootstrap_servers}"
-
-
-def build_inputs(
-    base: Path, records: list[Any], data_dir: Path | None, domains: list[str] | None, report_domains: list[str]
-) -> distill.Inputs:
-    """The base model, its original train/test split (its own domains unless --domains says otherwise),
-    and the test split of each report domain."""
-    origin = distill.provenance(base)
-    if domains:
-        origin = distill.Provenance(tuple(domains), origin.split_seed, origin.test_share)
-    rows = datasets.load_amazon(data_dir, list(origin.domains) if origin.domains else None)
-    old_train, old_test = datasets.split_amazon(rows, origin.test_share, origin.split_seed)
-    extra = {}
-    for domain in report_domains:
-        _train, test = datasets.split_amazon(
-            datasets.load_amazon(data_dir, [domain]), origin.test_share, origin.split_seed
-        )
-        extra[domain] = test
-    parsed, skipped = distill.parse_records(records)
-    if skipped:
-        console.print(f"[yellow]skipped {skipped} rows without a string id, text and llm_label[/]")
-    return distill.Inputs(base, parsed, old_train, old_test, origin, extra)
 
 
 def render(report: dict[str, Any]) -> Table:
@@ -75,7 +43,9 @@ def render(report: dict[str, Any]) -> Table:
         label = _set_title(name, entry["gate"])
         for key, title in _FIGURES:
             values = [entry.get(model, {}).get(key) for model in ("base", "stage1_only", "candidate")]
-            table.add_row(label, str(entry["base"]["n"]), title, *map(_pct, values), _pct(entry["change"][key], True))
+            table.add_row(
+                label, str(entry["base"]["n"]), title, *(percent(v, 2) for v in values), points(entry["change"][key])
+            )
             label = ""
     return table
 
@@ -86,20 +56,8 @@ def _set_title(name: str, gate: bool) -> str:
     return name.removesuffix("_holdout") + (" (gate)" if gate else "")
 
 
-def _pct(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}%"
-
-
 def _config(options: dict[str, Any], settings: Settings, base: Path) -> distill.DistillConfig:
-    config_path = base / "config.json"
-    features = orjson.loads(config_path.read_bytes()).get("features", {}) if config_path.is_file() else {}
-    train = training.TrainConfig(
-        vocab_size=options["vocab_size"],
-        buckets=int(features.get("buckets", training.TrainConfig().buckets)),  # the base model's feature space
-        max_tokens=settings.model.max_tokens,
-    )
+    train = distill.train_config(base, options["vocab_size"], settings.model.max_tokens)
     threshold = options["threshold"] if options["threshold"] is not None else settings.router.threshold
     return distill.DistillConfig(
         new_weight=options["new_weight"],
@@ -161,10 +119,12 @@ def command(**options: Any) -> None:
     worse on the original held-out set. Exit status 3 when the candidate is rejected (nothing written)."""
     settings = _settings(options)
     base = options["base_model"] or settings.model.path
-    rows, source = load_records(settings, options["file"], options["timeout"])
+    rows, source = distill.load_records(settings, options["file"], options["timeout"], progress=console.print)
     console.print(f"{len(rows)} distill rows from {source}")
     report_domains = _split(options["report_domains"]) or []
-    inputs = build_inputs(base, rows, options["data_dir"], _split(options["domains"]), report_domains)
+    inputs = distill.build_inputs(
+        base, rows, options["data_dir"], _split(options["domains"]), report_domains, progress=console.print
+    )
     outcome = distill.run(inputs, options["out"], _config(options, settings, base), console.print)
     Console().print(render(outcome.report))
     _summarise(outcome.report)
