@@ -14,12 +14,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from common import LOG_APPEND, Topics, busy_seconds, read_outputs, throughput
 from confluent_kafka import Consumer, Message, Producer
 
 from consumer.app import load_scorer
 from consumer.config import KafkaConfig, Settings, librdkafka_config
 from consumer.small.scoring import OnnxScorer
+from ops.bench.outputs import read_outputs, throughput
+from ops.bench.sampling import busy_seconds
+from ops.bench.topics import LOG_APPEND, Topics
 
 
 def load_default_scorer() -> OnnxScorer:

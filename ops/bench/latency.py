@@ -1,6 +1,6 @@
 """Benchmark 2: end-to-end latency at a fixed offered load, small path and (with the stand-in LLM) large path.
 
-    .venv/bin/python ops/bench/latency.py [--bootstrap HOST:PORT] [--max-rate N | .bench/throughput.json]
+    .venv/bin/python -m ops.bench.latency [--bootstrap HOST:PORT] [--max-rate N | .bench/throughput.json]
         [--load 0.5] [--seconds 45] [--repeats 2] [--threshold 0.8] [--llm-latency-ms 300-300] [--env K=V]...
 
 The offered load is ``--load`` (default 50%) of the service's measured maximum: ``--max-rate`` or the
@@ -27,32 +27,15 @@ from typing import Any
 
 import click
 import orjson
-import prototypes
-from common import (
-    BENCH_DIR,
-    Child,
-    OutputRecord,
-    Sampler,
-    Topics,
-    broker,
-    broker_pid,
-    console,
-    high_watermarks,
-    machine,
-    median,
-    parse_env_pairs,
-    percentiles,
-    read_outputs,
-    review_texts,
-    review_value,
-    run_id,
-    standin,
-    start_service,
-    table,
-    wait_for,
-    write_json,
-)
 from confluent_kafka import Producer
+
+from ops.bench.broker import broker, broker_pid
+from ops.bench.children import Child, parse_env_pairs, standin, start_service, wait_for
+from ops.bench.data import review_texts, review_value
+from ops.bench.outputs import OutputRecord, outputs_in, percentiles, read_outputs
+from ops.bench.report import BENCH_DIR, console, machine, median, table, write_json
+from ops.bench.sampling import Sampler
+from ops.bench.topics import Topics, run_id
 
 PARTITIONS = 4
 TARGET_P99_MS = 100
@@ -65,7 +48,7 @@ def max_rate(given: float | None) -> float:
         return given
     path = BENCH_DIR / "throughput.json"
     if not path.exists():
-        raise SystemExit("no .bench/throughput.json: run ops/bench/throughput.py first or pass --max-rate")
+        raise SystemExit("no .bench/throughput.json: run python -m ops.bench.throughput first or pass --max-rate")
     return float(orjson.loads(path.read_bytes())["summary"]["service"]["default"]["steady_per_s"])
 
 
@@ -135,11 +118,12 @@ def scenario(
         start_ms = time.time_ns() // 1_000_000
         offered = offer(topics.bootstrap, source, texts, options["rate"], options["seconds"])
         output = settings["topics__output"]
-        wait_for(lambda: sum(high_watermarks(topics.bootstrap, output).values()) >= offered["sent"], 120, 0.5)
+        wait_for(lambda: outputs_in(topics.bootstrap, output) >= offered["sent"], 120, 0.5)
         sampler.stop()
         child.terminate()
     records = read_outputs(topics.bootstrap, output)
-    topics.delete([source, *(v for k, v in settings.items() if k.startswith("topics__") and k != "topics__input")])
+    topics.delete([source])
+    topics.delete_outputs(settings)
     per_path = latencies(records, start_ms + int(options["warmup"] * 1000))
     return {
         "timeline": timeline(records, start_ms),
@@ -205,8 +189,6 @@ def main(**options: Any) -> None:
     """Latency percentiles at a fixed share of the measured maximum, small path and mixed."""
     options["rate"] = options["load"] * max_rate(options["max_rate"])
     options["extra_env"] = parse_env_pairs(options["env_pairs"])
-    if "BENCH_PROTO" in options["extra_env"]:
-        options["extra_env"] |= prototypes.env_for(options["extra_env"]["BENCH_PROTO"])
     texts, text_source = review_texts()
     runs: dict[str, list[dict[str, Any]]] = {"small": [], "mixed": []}
     with (

@@ -1,6 +1,6 @@
 """Benchmark: drive the LLM pool at saturation against the stand-in; it must use its RPM budget, never more.
 
-    .venv/bin/python ops/bench/llm_saturation.py [--duration 120] [--rpm 600] [--concurrency 16]
+    .venv/bin/python -m ops.bench.llm_saturation [--duration 120] [--rpm 600] [--concurrency 16]
 
 The stand-in runs in-process with limits ten times the client's (so any 429 would be the client's fault)
 and 200-800 ms latency. ``--drivers`` callers keep the pool's queue full for ``--duration`` seconds. The
@@ -25,13 +25,14 @@ from rich.console import Console
 from rich.table import Table
 
 from consumer import logs
+from consumer.aio import cancel_and_wait
 from consumer.config import LlmConfig
 from consumer.llm.pool import LlmPool
 from consumer.llm.ratelimit import DEFAULT_MARGIN_S, WINDOW_S
 from consumer.records import Origin, Prediction, Review, Scored
 from consumer.sandbox.standin import Faults, StandinConfig, StandinServer, parse_latency
+from ops.bench.report import BENCH_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "amazon-reviews-train.jsonl"
 PROBS = {"negative": 0.42, "positive": 0.58}
 
@@ -83,19 +84,28 @@ async def run(options: dict[str, Any]) -> Result:
     faults = Faults(latency_ms=latency, rpm=rpm * 10, tpm=tpm * 10)
     server = StandinServer(StandinConfig(faults=faults, keep_bodies=1))
     failures: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
     async with server as url:
         config = LlmConfig(base_url=url, rpm=rpm, tpm=tpm, max_concurrency=options["concurrency"], cache_size=0)
-        async with LlmPool(config, drain_timeout_s=1.0) as pool:
-            stop, source = asyncio.Event(), reviews(review_texts(options["data"]))
-            tasks = [asyncio.create_task(drive(pool, source, stop, failures)) for _ in range(options["drivers"])]
-            start = time.monotonic()
-            at_minute = await _requests_at(server, start + 60.0) if duration > 60 else None
-            at_end = await _requests_at(server, start + duration)
-            stop.set()
-            received = pool.stats().rate_limited
-        await asyncio.gather(*tasks)
+        try:
+            async with LlmPool(config, drain_timeout_s=1.0) as pool:
+                stop, source = asyncio.Event(), reviews(review_texts(options["data"]))
+                tasks += [asyncio.create_task(drive(pool, source, stop, failures)) for _ in range(options["drivers"])]
+                at_minute, at_end = await _window(server, duration)
+                stop.set()
+                received = pool.stats().rate_limited
+            await asyncio.gather(*tasks)  # each driver ends by itself once the pool has drained
+        finally:
+            await cancel_and_wait(tasks)  # after an error or Ctrl-C, none is left running
         seen = server.stats()
     return _result(options, at_minute, at_end, seen, received, failures, latency)
+
+
+async def _window(server: StandinServer, duration: float) -> tuple[tuple[float, int] | None, tuple[float, int]]:
+    """The stand-in's request count after the first minute (when the run is longer) and at the end."""
+    start = time.monotonic()
+    at_minute = await _requests_at(server, start + 60.0) if duration > 60 else None
+    return at_minute, await _requests_at(server, start + duration)
 
 
 async def _requests_at(server: StandinServer, when: float) -> tuple[float, int]:
@@ -166,7 +176,7 @@ def show(result: Result) -> None:
 @click.option("--drivers", type=click.IntRange(min=1), default=64, show_default=True, help="Callers keeping it busy.")
 @click.option("--latency-ms", default="200-800", show_default=True, help="The stand-in's latency LO-HI.")
 @click.option("--data", type=click.Path(path_type=Path), default=DATA, help="JSON lines with review 'text'.")
-@click.option("--out", type=click.Path(path_type=Path), default=REPO / ".bench" / "llm_saturation.json")
+@click.option("--out", type=click.Path(path_type=Path), default=BENCH_DIR / "llm_saturation.json")
 def main(**options: Any) -> None:
     """Drive the LLM pool at saturation and report the rate it achieved."""
     logs.configure("warning", "console")

@@ -1,6 +1,6 @@
 """Benchmark 3: the service's memory while a large backlog waits and the LLM path is saturated.
 
-    .venv/bin/python ops/bench/memory.py [--reviews 1000000] [--bootstrap HOST:PORT] [--seconds 180]
+    .venv/bin/python -m ops.bench.memory [--reviews 1000000] [--bootstrap HOST:PORT] [--seconds 180]
         [--warmup 30] [--llm-latency-ms 2000-3000] [--rpm 60]
 
 Pre-produces ``--reviews`` typical reviews (4 partitions), then runs the service with threshold 1.0 (every
@@ -20,23 +20,14 @@ from typing import Any
 
 import click
 import orjson
-from common import (
-    Sampler,
-    Topics,
-    broker,
-    broker_pid,
-    console,
-    high_watermarks,
-    machine,
-    median_chars,
-    produce_backlog,
-    review_texts,
-    run_id,
-    standin,
-    start_service,
-    table,
-    write_json,
-)
+
+from ops.bench.broker import broker, broker_pid
+from ops.bench.children import standin, start_service
+from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.outputs import outputs_in
+from ops.bench.report import console, machine, table, write_json
+from ops.bench.sampling import Sampler
+from ops.bench.topics import Topics, run_id
 
 PARTITIONS = 4
 TARGET_MB = 500
@@ -87,7 +78,7 @@ def run(topics: Topics, source: str, options: dict[str, Any], llm_url: str) -> d
         started = time.monotonic()
         time.sleep(options["seconds"])
         sampler.stop()
-        outputs = sum(high_watermarks(topics.bootstrap, settings["topics__output"]).values())
+        outputs = outputs_in(topics.bootstrap, settings["topics__output"])
         child.terminate()
         events = log_events(child.log_path.read_text(errors="replace"))
     samples = [(s.mono - started, s.rss) for s in sampler.samples]

@@ -23,7 +23,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_DIR, table, thread_cpu
+from ops.bench.report import BENCH_DIR, table
+from ops.bench.sampling import thread_cpu
 
 RATE_HZ = 100
 _F = r"(?:^|\.)"  # a frame's function, bare or qualified by its class
@@ -31,25 +32,28 @@ _F = r"(?:^|\.)"  # a frame's function, bare or qualified by its class
 STAGES: tuple[tuple[str, str], ...] = (
     ("idle: event loop waiting (select)", _F + r"(select|poll) \(selectors\.py"),
     ("idle: executor thread waiting for work", r"^_worker \(concurrent/futures/thread\.py:81\)"),
-    ("tokenise (encode_batch, ids)", _F + r"encode(\.<locals>\.<listcomp>)? \(consumer/scoring\.py"),
-    ("numpy feeds (padding)", _F + r"_feeds \(consumer/scoring\.py"),
-    ("ONNX session.run", _F + r"logits \(consumer/scoring\.py"),
-    ("softmax + Prediction objects", _F + r"(probabilities|predict) \(consumer/scoring\.py"),
+    ("tokenise (encode_batch, ids)", _F + r"encode(\.<locals>\.<listcomp>)? \(consumer/small/scoring\.py"),
+    ("numpy feeds (padding)", _F + r"_feeds \(consumer/small/scoring\.py"),
+    ("ONNX session.run", _F + r"logits \(consumer/small/scoring\.py"),
+    ("softmax + Prediction objects", _F + r"(probabilities|predict) \(consumer/small/scoring\.py"),
     ("hand result back to the loop", r"Future\.set_result \(concurrent/futures"),
-    ("consume() in librdkafka (incl. waiting)", _F + r"poll \(consumer/source\.py|_WorkItem\.run .*kafka-consumer"),
-    ("decode + validate input", _F + r"decode \(consumer/decoding\.py"),
-    ("build output dict", _F + r"labeled \(consumer/outputs\.py"),
+    (
+        "consume() in librdkafka (incl. waiting)",
+        _F + r"poll \(consumer/kafka/source\.py|_WorkItem\.run .*kafka-consumer",
+    ),
+    ("decode + validate input", _F + r"decode \(consumer/stream/decoding\.py"),
+    ("build output dict", _F + r"labeled \(consumer/stream/outputs\.py"),
     ("serialise output (orjson)", _F + r"dumps \(consumer/contracts\.py"),
     ("baseline token estimate", _F + r"estimate_prompt_tokens \("),
-    ("metering (Meter.on_labeled)", r"\(consumer/metrics\.py"),
-    ("offset tracking", r"\(consumer/offsets\.py"),
-    ("produce() into librdkafka", _F + r"publish \(consumer/sink\.py"),
-    ("delivery reports: producer.poll", _F + r"_serve_reports \(consumer/sink\.py"),
-    ("completion callbacks (_finish_one)", _F + r"(_finish_one|__call__) \(consumer/pipeline\.py"),
-    ("accept batch (per-message glue)", _F + r"(_accept|_origin|_headers) \(consumer/pipeline\.py"),
-    ("dispatch / publish glue", _F + r"(_dispatch|_publish_labeled|_score_loop) \(consumer/pipeline\.py"),
-    ("score() hop (executor handoff)", _F + r"score \(consumer/scoring\.py"),
-    ("metrics emitter / admin", r"\(consumer/(emitter|admin|observability)\.py"),
+    ("metering (Meter.on_labeled)", r"\(consumer/observe/meter\.py"),
+    ("offset tracking", r"\(consumer/stream/offsets\.py"),
+    ("produce() into librdkafka", _F + r"publish \(consumer/kafka/sink\.py"),
+    ("delivery reports: producer.poll", _F + r"_serve_reports \(consumer/kafka/sink\.py"),
+    ("completion callbacks (_finish_one)", _F + r"(_finish_one|__call__) \(consumer/stream/(pipeline|completion)\.py"),
+    ("accept batch (per-message glue)", _F + r"(_accept \(consumer/stream/pipeline|\w+ \(consumer/kafka/message)\.py"),
+    ("dispatch / publish glue", _F + r"(_dispatch|_publish_labeled|_score_loop) \(consumer/stream/pipeline\.py"),
+    ("score() hop (executor handoff)", _F + r"score \(consumer/small/scoring\.py"),
+    ("metrics emitter / admin", r"\(consumer/observe/(emitter|http|wiring)\.py"),
 )
 # Generic frames that sit under the specific ones (the loop runs every callback): used only when no
 # specific rule matches anywhere in the stack.

@@ -5,7 +5,8 @@
 #   KAFKA_BOOTSTRAP=HOST:PORT bash ops/bench/run_all.sh   # an existing broker
 #
 # A private broker (KAFKA_RUN_DIR) keeps other people's tests, which stop and restart the project broker,
-# from disturbing a run. Latency uses the maximum that throughput.py measured just before it.
+# from disturbing a run. Latency uses the maximum that the throughput benchmark measured just before it.
+# Each benchmark is a module of the ops.bench package, run from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -17,9 +18,9 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
 fi
 echo "Kafka at ${KAFKA_BOOTSTRAP}"
 
-"$PY" ops/bench/throughput.py --bootstrap "$KAFKA_BOOTSTRAP"
-"$PY" ops/bench/latency.py --bootstrap "$KAFKA_BOOTSTRAP"
-"$PY" ops/bench/memory.py --bootstrap "$KAFKA_BOOTSTRAP"
-"$PY" ops/bench/scaleout.py --bootstrap "$KAFKA_BOOTSTRAP" --pinned
-"$PY" ops/bench/glue.py
-"$PY" ops/bench/llm_saturation.py --duration 120
+"$PY" -m ops.bench.throughput --bootstrap "$KAFKA_BOOTSTRAP"
+"$PY" -m ops.bench.latency --bootstrap "$KAFKA_BOOTSTRAP"
+"$PY" -m ops.bench.memory --bootstrap "$KAFKA_BOOTSTRAP"
+"$PY" -m ops.bench.scaleout --bootstrap "$KAFKA_BOOTSTRAP" --pinned
+"$PY" -m ops.bench.glue
+"$PY" -m ops.bench.llm_saturation --duration 120

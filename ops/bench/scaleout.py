@@ -1,6 +1,6 @@
 """Benchmark 4: scale-out, 1 vs 2 service processes in one consumer group on a 4-partition topic.
 
-    .venv/bin/python ops/bench/scaleout.py [--reviews 200000] [--bootstrap HOST:PORT] [--repeats 3] [--pinned]
+    .venv/bin/python -m ops.bench.scaleout [--reviews 200000] [--bootstrap HOST:PORT] [--repeats 3] [--pinned]
 
 Pre-produces ``--reviews`` typical reviews once. Then, ``--repeats`` times and in turn: one service
 process, and two processes started together in one group (the cooperative-sticky assignor gives each two
@@ -19,27 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-from common import (
-    Child,
-    Sampler,
-    Topics,
-    broker,
-    broker_pid,
-    console,
-    high_watermarks,
-    machine,
-    median,
-    median_chars,
-    produce_backlog,
-    read_outputs,
-    review_texts,
-    run_id,
-    start_service,
-    table,
-    throughput,
-    wait_for,
-    write_json,
-)
+
+from ops.bench.broker import broker, broker_pid
+from ops.bench.children import Child, start_service, wait_for
+from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.outputs import outputs_in, read_outputs, throughput
+from ops.bench.report import console, machine, median, table, write_json
+from ops.bench.sampling import Sampler
+from ops.bench.topics import Topics, run_id
 
 PARTITIONS = 4
 ONE_THREAD = {"SHUNT_MODEL__INTRA_OP_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -75,7 +62,7 @@ def run(topics: Topics, source: str, count: int, config: Config, label: str) -> 
         for child in children:
             child.terminate()
     rates = throughput(read_outputs(topics.bootstrap, output), min(c.started_ms for c in children))
-    topics.delete([v for k, v in settings.items() if k.startswith("topics__") and k != "topics__input"])
+    topics.delete_outputs(settings)
     service_cores = sum(s.mean_cpu() for s in samplers) / 100
     others = max(0.0, samplers[0].machine_cores() - service_cores - samplers[0].broker_cores())
     return {
@@ -91,7 +78,7 @@ def _outputs(bootstrap: str, topic: str, children: list[Child]) -> int:
     for child in children:
         if child.proc.poll() is not None:
             raise RuntimeError(f"a service exited early:\n{child.log_tail()}")
-    return sum(high_watermarks(bootstrap, topic).values())
+    return outputs_in(bootstrap, topic)
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Benchmark: how many reviews per second the small model scores, and where the time goes.
 
-    .venv/bin/python ops/bench/scorer.py [--model DIR] [--out .bench/scorer.json] [--repeats 5]
+    .venv/bin/python -m ops.bench.scorer [--model DIR] [--out .bench/scorer.json] [--repeats 5]
 
 For batch sizes 1, 8, 32 and 128, on reviews of typical length, four rates (reviews/s, median of the
 repeats): tokenisation alone (``encode_batch_fast`` with truncation, as the scorer calls it), encode
@@ -39,8 +39,8 @@ from consumer import logs
 from consumer.config import DEFAULT_MODEL_DIR
 from consumer.offline.datasets import DatasetError, load_amazon, split_amazon
 from consumer.small.scoring import OnnxScorer
+from ops.bench.report import BENCH_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 BATCH_SIZES = (1, 8, 32, 128)
 STAGES = ("tokenise", "encode", "graph", "end_to_end")
 _WORDS = (
@@ -166,7 +166,7 @@ def caption(env: dict[str, Any]) -> str:
 
 @click.command()
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_MODEL_DIR)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=REPO / ".bench" / "scorer.json")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=BENCH_DIR / "scorer.json")
 @click.option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--reviews", type=click.IntRange(128, 100_000), default=4096, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(8, 4096), default=256, show_default=True)

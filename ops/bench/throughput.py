@@ -1,6 +1,6 @@
 """Benchmark 1: end-to-end throughput of the small-model path through the real Kafka, beside its two ceilings.
 
-    .venv/bin/python ops/bench/throughput.py [--reviews 200000] [--bootstrap HOST:PORT] [--repeats 3]
+    .venv/bin/python -m ops.bench.throughput [--reviews 200000] [--bootstrap HOST:PORT] [--repeats 3]
         [--variant NAME:KEY=VALUE[;KEY=VALUE...]]... [--no-profile] [--profile-variant NAME]
 
 Pre-produces ``--reviews`` typical reviews (the shared Amazon texts cycled with unique ids) to a topic with
@@ -10,8 +10,8 @@ Pre-produces ``--reviews`` typical reviews (the shared Amazon texts cycled with 
 2. a plain confluent-kafka consume -> produce passthrough of the same topic, same client settings;
 3. the service (``python -m consumer run``, threshold 0: small path only) reading the whole topic with a
    fresh consumer group and stopping by itself (``max_messages``), once per ``--variant`` (configuration
-   given as environment variables, e.g. ``b256:SHUNT_MODEL__BATCH_SIZE=256``, or code prototypes,
-   ``pipelined:BENCH_PROTO=pipelined``, see prototypes.py; ``default`` always runs), each run followed by
+   given as environment variables, e.g. ``b256:SHUNT_MODEL__BATCH_SIZE=256``; ``default`` always runs),
+   each run followed by
    the scorer alone again at the best batch size, so every service run is paired with the scorer measured
    just before and just after it.
 
@@ -32,33 +32,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-import prototypes
-from ceilings import load_default_scorer, passthrough, rate_of, scorer_rates
-from common import (
-    Sampler,
-    Topics,
-    broker,
-    broker_pid,
-    console,
-    cpu_per_review,
-    high_watermarks,
-    machine,
-    median,
-    median_chars,
-    parse_env_pairs,
-    produce_backlog,
-    read_outputs,
-    review_texts,
-    run_id,
-    start_service,
-    table,
-    throughput,
-    wait_for,
-    write_json,
-)
-from profiling import profile, show
 
 from consumer.config import Settings
+from ops.bench.broker import broker, broker_pid
+from ops.bench.ceilings import load_default_scorer, passthrough, rate_of, scorer_rates
+from ops.bench.children import parse_env_pairs, start_service, wait_for
+from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.outputs import outputs_in, read_outputs, throughput
+from ops.bench.profiling import profile, show
+from ops.bench.report import console, machine, median, table, write_json
+from ops.bench.sampling import Sampler, cpu_per_review
+from ops.bench.topics import Topics, run_id
 
 BATCH_SIZES = (32, 64, 128, 256)
 TARGET_RATE = 3_000
@@ -76,13 +60,9 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """``NAME:KEY=VALUE;KEY=VALUE`` (``;`` because librdkafka JSON settings hold commas). ``BENCH_PROTO``
-    names code prototypes from prototypes.py, applied inside the service."""
+    """``NAME:KEY=VALUE;KEY=VALUE`` (``;`` because librdkafka JSON settings hold commas)."""
     name, _, pairs = text.partition(":")
-    env = parse_env_pairs([p for p in pairs.split(";") if p])
-    if "BENCH_PROTO" in env:
-        env |= prototypes.env_for(env["BENCH_PROTO"])
-    return Variant(name, env)
+    return Variant(name, parse_env_pairs([p for p in pairs.split(";") if p]))
 
 
 def service_settings(topics: Topics, source: str, label: str, count: int) -> dict[str, Any]:
@@ -110,7 +90,7 @@ def service_run(topics: Topics, source: str, count: int, variant: Variant, label
     records = read_outputs(topics.bootstrap, settings["topics__output"])
     rates = throughput(records, child.started_ms)
     cpu = cpu_per_review(sampler, sorted(r.append_ms for r in records))
-    topics.delete([v for k, v in settings.items() if k.startswith("topics__") and k != "topics__input"])
+    topics.delete_outputs(settings)
     return {
         "throughput": rates.as_dict(),
         "peak_rss_mb": round(sampler.peak_rss() / 2**20, 1),
@@ -127,10 +107,10 @@ def profile_run(topics: Topics, source: str, count: int, variant: Variant) -> di
     output = settings["topics__output"]
     with start_service("throughput-profile", topics.bootstrap, settings, variant.env) as child:
         flowing = min(5_000, count // 10)  # past start-up, well before the end
-        wait_for(lambda: sum(high_watermarks(topics.bootstrap, output).values()) > flowing, 120, 0.5)
+        wait_for(lambda: outputs_in(topics.bootstrap, output) > flowing, 120, 0.5)
         result = profile(child.pid, PROFILE_SECONDS)
         child.wait(timeout_s=900)
-    topics.delete([v for k, v in settings.items() if k.startswith("topics__") and k != "topics__input"])
+    topics.delete_outputs(settings)
     return result | {"variant": variant.name}
 
 
@@ -274,15 +254,12 @@ def render(summary: dict[str, Any], repeats: int) -> None:
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--scorer-reviews", type=click.IntRange(min=256), default=16_384, show_default=True)
 @click.option("--variant", "variant_specs", multiple=True, help="NAME:KEY=VALUE[;KEY=VALUE...]; repeatable.")
-@click.option("--ceiling-proto", default="", help="Prototypes (a+b) applied to the in-memory scorer ceiling.")
 @click.option("--profile/--no-profile", default=True, show_default=True, help="One more run under py-spy.")
 @click.option("--profile-variant", default="default", show_default=True, help="Which variant to profile.")
 @click.option("--out", default="throughput", show_default=True, help="Writes .bench/<out>.json.")
 def main(**options: Any) -> None:
     """Measure small-path throughput next to the scorer-alone and Kafka-passthrough ceilings."""
     options["variants"] = [Variant("default", {})] + [parse_variant(v) for v in options["variant_specs"]]
-    if options["ceiling_proto"]:
-        prototypes.apply(options["ceiling_proto"], quiet=True)
     texts, text_source = review_texts()
     env = machine()
     started = time.monotonic()
