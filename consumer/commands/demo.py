@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from consumer import logs
+from consumer.commands.render import percent, usd
 from consumer.sandbox.demo import DemoOptions, Snapshot, Summary, run_demo
 from consumer.sandbox.standin import parse_latency
 
@@ -77,14 +78,6 @@ class _LiveView:
         self._live.update(render_progress(snapshot), refresh=True)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-def _usd(value: float) -> str:
-    return f"${value:,.4f}"
-
-
 def render_progress(s: Snapshot) -> Group:
     """The live view: two bars, the routing split and the money so far."""
     grid = Table.grid(padding=(0, 2))
@@ -94,9 +87,9 @@ def render_progress(s: Snapshot) -> Group:
     grid.add_row("produced", ProgressBar(total=s.total, completed=s.produced, width=40), f"{s.produced}/{s.total}")
     grid.add_row("labelled", ProgressBar(total=s.total, completed=s.labelled, width=40), f"{s.labelled}/{s.total}")
     to_llm = s.llm / s.labelled if s.labelled else None
-    grid.add_row("routed", f"small model {s.small}   LLM {s.llm} ({_pct(to_llm)})   DLQ {s.dlq}", "")
+    grid.add_row("routed", f"small model {s.small}   LLM {s.llm} ({percent(to_llm)})   DLQ {s.dlq}", "")
     saved = 1 - s.spend_usd / s.baseline_usd if s.baseline_usd > 0 else None
-    grid.add_row("spend", f"{_usd(s.spend_usd)} of {_usd(s.baseline_usd)} all-LLM baseline (saved {_pct(saved)})", "")
+    grid.add_row("spend", f"{usd(s.spend_usd)} of {usd(s.baseline_usd)} all-LLM baseline (saved {percent(saved)})", "")
     grid.add_row("LLM", f"{s.llm_requests} requests, {s.llm_429s} answered 429", f"{s.elapsed_s:5.1f} s")
     return Group(Text(f"shunt demo: {s.phase}", style="bold cyan"), grid)
 
@@ -125,23 +118,23 @@ def _summary_rows(s: Summary) -> list[tuple[str, str]]:
     acc, m = s.accuracy, s.money
     source = "the service's metrics topic" if m.source == "metrics" else "the outputs, priced like the service's meter"
     if m.source == "metrics":
-        source += f"; the outputs' cost_usd add up to {_usd(m.outputs_spend_usd)}"
-    llm_note = f"stand-in oracle, {s.llm_accuracy[0]:.0%} / {s.llm_accuracy[1]:.0%} on hard reviews"
+        source += f"; the outputs' cost_usd add up to {usd(m.outputs_spend_usd)}"
+    llm_note = f"stand-in oracle, {percent(s.llm_accuracy[0], 0)} / {percent(s.llm_accuracy[1], 0)} on hard reviews"
     checked = f"{s.llm_as_predicted}/{s.llm_checked} online answers matched the offline oracle"
     return [
         ("reviews", f"{s.labelled} labelled of {s.reviews} ({s.produced} produced, {s.dlq} dead-lettered)"),
         ("small model", f"{s.small} decided alone (threshold {s.threshold}, model {s.model_version})"),
         (
             "sent to the LLM",
-            f"{s.large + s.fallback} = {_pct(s.share_to_llm)}  ({s.llm_cached} answered from the "
+            f"{s.large + s.fallback} = {percent(s.share_to_llm)}  ({s.llm_cached} answered from the "
             f"service's cache, {s.fallback} fell back to the small label)",
         ),
-        ("accuracy: small only", _pct(acc["small"])),
-        ("accuracy: LLM only", f"{_pct(acc['llm'])}  ({llm_note}; {checked})"),
-        ("accuracy: the shunt", _pct(acc["shunt"])),
-        ("LLM spend", f"{_usd(m.spend_usd)}  ({source})"),
-        ("all-LLM baseline", f"{_usd(m.baseline_usd)}  (had every review gone to the LLM)"),
-        ("saved", f"{_usd(m.savings_usd)}  (paid {_pct(m.cost_ratio)} of the baseline)"),
+        ("accuracy: small only", percent(acc["small"])),
+        ("accuracy: LLM only", f"{percent(acc['llm'])}  ({llm_note}; {checked})"),
+        ("accuracy: the shunt", percent(acc["shunt"])),
+        ("LLM spend", f"{usd(m.spend_usd)}  ({source})"),
+        ("all-LLM baseline", f"{usd(m.baseline_usd)}  (had every review gone to the LLM)"),
+        ("saved", f"{usd(m.savings_usd)}  (paid {percent(m.cost_ratio)} of the baseline)"),
         ("latency ms, all", _latency_row(s.latency_ms, "all")),
         ("latency ms, small", _latency_row(s.latency_ms, "small")),
         ("latency ms, LLM", _latency_row(s.latency_ms, "large")),

@@ -64,6 +64,22 @@ class TopicAdmin:
             with contextlib.suppress(KafkaException):
                 future.result(timeout=timeout_s)
 
+    def delete_groups(self, groups: Sequence[str], timeout_s: float = _TIMEOUT_S) -> None:
+        """Delete consumer groups; one already gone is not an error."""
+        if not groups:
+            return
+        for future in self._admin.delete_consumer_groups(list(groups), request_timeout=timeout_s).values():
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=timeout_s)
+
+    def answers(self, timeout_s: float = 2.0) -> bool:
+        """The cluster answers a metadata request within ``timeout_s`` (a broker that is up and ready)."""
+        try:
+            self._admin.list_topics(timeout=timeout_s)
+        except KafkaException:
+            return False
+        return True
+
     def partitions(self, topic: str, timeout_s: float = 10.0) -> int | None:
         """How many partitions ``topic`` has, or None when it does not exist (or cannot be described)."""
         metadata = self._admin.list_topics(topic, timeout=timeout_s).topics.get(topic)

@@ -102,6 +102,12 @@ class TopicReader:
         """Everything that was on the topics when the reader opened has been read."""
         return all(self._next[tp] >= end for tp, end in self._end.items())
 
+    def mark_end(self) -> None:
+        """Take the high watermarks now as the end ``caught_up`` measures (a follower catching up at last)."""
+        for topic, partition in self._end:
+            tp = TopicPartition(topic, partition)
+            self._end[(topic, partition)] = self._consumer.get_watermark_offsets(tp, timeout=_META_TIMEOUT_S)[1]
+
     def read_to_end(self, timeout_s: float = 120.0) -> list[Fetched]:
         """Every message up to the high watermarks seen at the start (later ones are left out)."""
         deadline = time.monotonic() + timeout_s

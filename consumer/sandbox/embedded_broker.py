@@ -33,9 +33,9 @@ from types import TracebackType
 from typing import IO
 
 import structlog
-from confluent_kafka.admin import AdminClient
 
 from consumer.errors import ShuntError
+from consumer.kafka.admin import TopicAdmin
 
 log = structlog.get_logger(__name__)
 
@@ -212,14 +212,8 @@ def _accepts(host: str, port: int) -> bool:
 
 
 def _answers_metadata(bootstrap: str) -> bool:
-    admin = AdminClient(
-        {"bootstrap.servers": bootstrap, "client.id": "embedded-broker-probe", "socket.timeout.ms": 2000}
-    )
-    try:
-        admin.list_topics(timeout=2.0)
-    except Exception:  # any failure means "not ready yet"; the caller has the deadline
-        return False
-    return True
+    probe = {"bootstrap.servers": bootstrap, "client.id": "embedded-broker-probe", "socket.timeout.ms": 2000}
+    return TopicAdmin(probe).answers(timeout_s=2.0)  # any failure means "not ready yet"; the caller has the deadline
 
 
 class _LiveBrokers:
