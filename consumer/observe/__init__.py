@@ -1,2 +1,2 @@
-"""What the service says about itself: the cost meter, the probe that reads the running parts, the metrics
-topic emitter, the admin HTTP server (/healthz, /readyz, /metrics) and the summaries behind report and top."""
+"""Observability: the cost meter, the probe of live state, the metrics.v1 emitter, the admin HTTP server,
+and reading the metrics topic back with the report/top arithmetic (``reading``, ``summary``)."""

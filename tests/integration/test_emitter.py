@@ -16,7 +16,7 @@ from consumer.kafka.sink import KafkaSink
 from consumer.observe.emitter import MetricsEmitter
 from consumer.observe.meter import Meter
 from tests.support import kafka
-from tests.unit.observe.test_meter import (
+from tests.unit.observe.fakes import (
     DEFAULT_COMPLETION,
     PRICE,
     FakeStats,

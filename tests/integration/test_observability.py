@@ -30,8 +30,7 @@ from consumer.observe.wiring import observability
 from consumer.sandbox.reviewgen import generate
 from tests.support import kafka
 from tests.support.service import free_port, start_service, start_standin
-from tests.unit.observe.test_http import scrape
-from tests.unit.observe.test_meter import (
+from tests.unit.observe.fakes import (
     DEFAULT_COMPLETION,
     PRICE,
     FakePipeline,
@@ -40,6 +39,7 @@ from tests.unit.observe.test_meter import (
     feed_mixed,
     make_settings,
 )
+from tests.unit.observe.test_http import scrape
 
 pytestmark = pytest.mark.kafka
 BAD: list[tuple[bytes | None, str]] = [

@@ -28,8 +28,9 @@ from consumer.commands.render import percent, usd
 from consumer.observe.emitter import MetricsEmitter
 from consumer.observe.meter import Meter
 from consumer.observe.probe import Probe, ServiceInfo
+from consumer.observe.reading import MetricsReader
 from tests.support import kafka
-from tests.unit.observe.test_meter import (
+from tests.unit.observe.fakes import (
     DEFAULT_COMPLETION,
     PRICE,
     FakePipeline,
@@ -299,3 +300,30 @@ def test_report_prints_a_table_for_humans(fleet: Fleet) -> None:
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr.decode()
     assert money(window_sums(fleet.runs)["cost_usd"]) in out and "shunt rate" in out and "p99" in out
+
+
+# -- the reader -----------------------------------------------------------------------------------------------
+def test_the_reader_counts_what_is_not_metrics_v1_and_filters_groups(fleet: Fleet) -> None:
+    producer = Producer({"bootstrap.servers": kafka.bootstrap()})
+    for junk in (b"not json", b'{"schema_version": "metrics.v1"}', b"[1, 2]"):
+        producer.produce(fleet.topic, junk, key=b"junk")
+    assert producer.flush(30) == 0
+    settings = make_settings(fleet.topic)
+    with MetricsReader.from_settings(settings, group_filter="g-a") as reader:
+        read = list(reader.read_all())
+        assert reader.caught_up() and reader.skipped == 3
+    expected = [m for run in fleet.runs if run.group == "g-a" for m in run.messages]
+    assert sorted((m["instance_id"], m["seq"], m["window_end_ms"]) for m in read) == sorted(
+        (m["instance_id"], m["seq"], m["window_end_ms"]) for m in expected
+    )
+    assert report_json(fleet.topic, "--since", "1h")["skipped"] == 3
+
+
+def test_report_on_a_missing_topic_is_a_one_line_error() -> None:
+    missing = kafka.unique("no-such-metrics")
+    done = subprocess.run(
+        shunt("report", "--bootstrap", kafka.bootstrap(), "--topic", missing, "--json"),
+        capture_output=True, env=child_env(), timeout=60, check=False,
+    )  # fmt: skip
+    err = done.stderr.decode()
+    assert done.returncode == 1 and f"cannot read topic {missing!r}" in err and "Traceback" not in err, err

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from consumer.observe.http import COUNTERS, AdminServer
 from consumer.observe.meter import LATENCY_PATHS, Meter
 from consumer.observe.probe import Probe, ServiceInfo
-from tests.unit.observe.test_meter import (
+from tests.unit.observe.fakes import (
     DEFAULT_COMPLETION,
     PRICE,
     FakePipeline,
