@@ -6,11 +6,13 @@ plausible and, afterwards, that nothing the demo started is still running, also 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,23 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from consumer.config import PriceConfig
+from consumer.aio import wait_until
+from consumer.config import KafkaConfig, PriceConfig
+from consumer.kafka.admin import TopicAdmin
+from consumer.kafka.sink import KafkaSink, Outgoing
 from consumer.llm.prompting import estimate_prompt_tokens
 from consumer.observe.meter import Meter
-from consumer.sandbox.demo import DemoOptions, RunInfo, Tally, Topics, make_truth, summarise
+from consumer.sandbox.demo import (
+    DemoOptions,
+    OutputReader,
+    RunInfo,
+    Tally,
+    Topics,
+    create_topics,
+    delete_run,
+    make_truth,
+    summarise,
+)
 from consumer.sandbox.embedded_broker import EmbeddedBroker, find_tansu
 from consumer.sandbox.reviewgen import generate
 from consumer.sandbox.standin import Policy
@@ -148,6 +163,44 @@ def test_summary_numbers_and_topic_names() -> None:
     assert (topics.input, topics.output) == ("demo-abc.reviews", "demo-abc.reviews.labeled")
     assert topics.partitions(3)[topics.input] == 3 and topics.partitions(3)[topics.dlq] == 1
     assert DemoOptions.small().reviews == 300 and DemoOptions.small(reviews=50).reviews == 50
+
+
+# -- the run's topics and the output reader, on the shared broker ---------------------------------------
+async def publish(sink: KafkaSink, messages: list[tuple[str, bytes]]) -> None:
+    """Publish and wait until the broker has every message."""
+    delivered: list[None] = []
+    for topic, value in messages:
+        await sink.publish(Outgoing(topic, None, value), lambda: delivered.append(None))
+    assert await wait_until(lambda: len(delivered) == len(messages), 30), "the broker took every message"
+
+
+@pytest.mark.timeout(90)
+async def test_the_output_reader_follows_the_topics_and_catches_up_to_what_came_later(kafka_bootstrap: str) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    topics, admin = Topics.for_run(run_id), TopicAdmin({"bootstrap.servers": kafka_bootstrap})
+    partitions = topics.partitions(2)
+    await asyncio.to_thread(create_topics, kafka_bootstrap, partitions)
+    try:
+        assert all(admin.partitions(name) == count for name, count in partitions.items())
+        reviews = list(generate(4, seed=5, prefix="f"))
+        tally = Tally(make_truth(reviews, WrongOnHard({r.id: (r.label, False) for r in reviews})),
+                      Meter(PriceConfig(input_per_mtok=1.0, output_per_mtok=1.0), 20))  # fmt: skip
+        out = [(topics.output, orjson.dumps(labeled(r.id, r.label, r.label, "small"))) for r in reviews]
+        sink = KafkaSink(KafkaConfig(bootstrap_servers=kafka_bootstrap))
+        await sink.start()
+        try:
+            await publish(sink, out[:1])  # before the reader opens: read from the start
+            async with OutputReader(kafka_bootstrap, topics, tally) as reader:
+                await publish(sink, out[1:2])  # after: it follows past the end it saw when it opened
+                assert await wait_until(lambda: tally.labelled == 2, 30), "the reader followed past its first end"
+                await publish(sink, [*out[2:], (topics.dlq, b'{"reason": "x"}'), (topics.metrics, b"not json")])
+                assert await reader.catch_up(30)
+                assert (tally.labelled, tally.dlq, tally.duplicates) == (4, 1, 0)
+        finally:
+            await sink.close(5)
+    finally:
+        await asyncio.to_thread(delete_run, kafka_bootstrap, list(partitions), f"demo-{run_id}")
+    wait_for(lambda: all(admin.partitions(name) is None for name in partitions), 30, "the run's topics are gone")
 
 
 # -- the whole demo, as a newcomer runs it ---------------------------------------------------------------
