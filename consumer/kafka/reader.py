@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import structlog
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 
 from consumer.errors import ShuntError
 
 _META_TIMEOUT_S = 15.0
+_GONE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError._UNKNOWN_TOPIC)
+log = structlog.get_logger(__name__)
 
 
 class TopicReadError(ShuntError):
@@ -54,6 +57,7 @@ class TopicReader:
         self._consumer = Consumer(settings, logger=None)
         self._next: dict[tuple[str, int], int] = {}
         self._end: dict[tuple[str, int], int] = {}
+        self._failed: TopicReadError | None = None
         try:
             self._consumer.assign([tp for topic in topics for tp in self._start(topic, since_ms)])
         except BaseException:
@@ -83,19 +87,31 @@ class TopicReader:
         return dict(self._end)
 
     def poll(self, timeout_s: float, max_messages: int = 1000) -> list[Fetched]:
-        """The next messages, at most ``max_messages``; an empty list when none came within ``timeout_s``."""
+        """The next messages, at most ``max_messages``; an empty list when none came within ``timeout_s``.
+
+        A transient broker error is logged and reading goes on (librdkafka retries by itself); a fatal one
+        (or a topic gone) raises :class:`TopicReadError`, after the messages read before it are returned."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         out = []
         for message in self._consumer.consume(max_messages, timeout_s):
             error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    key = (message.topic() or "", message.partition() or 0)
-                    self._next[key] = max(self._next.get(key, 0), message.offset() or 0)
-                    continue
-                raise TopicReadError(f"reading {message.topic()} failed: {error}")
-            fetched = _fetched(message)
-            self._next[(fetched.topic, fetched.partition)] = fetched.offset + 1
-            out.append(fetched)
+            if error is None:
+                fetched = _fetched(message)
+                self._next[(fetched.topic, fetched.partition)] = fetched.offset + 1
+                out.append(fetched)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                key = (message.topic() or "", message.partition() or 0)
+                self._next[key] = max(self._next.get(key, 0), message.offset() or 0)
+            elif error.fatal() or error.code() in _GONE:
+                self._failed = TopicReadError(f"reading {message.topic()} failed: {error.str()}")
+                break
+            else:
+                log.warning("topic_read_error", topic=message.topic(), error=error.str(), retriable=error.retriable())
+        if self._failed is not None and not out:
+            failed, self._failed = self._failed, None
+            raise failed
         return out
 
     def caught_up(self) -> bool:
