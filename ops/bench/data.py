@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from confluent_kafka import Producer
@@ -44,6 +45,11 @@ def review_value(texts: Sequence[str], index: int, prefix: str) -> bytes:
 
 def median_chars(texts: Sequence[str]) -> int:
     return int(statistics.median(len(t) for t in texts))
+
+
+def texts_record(texts: Sequence[str], source: str) -> dict[str, Any]:
+    """What a result file says about the review texts: where they came from and their median length."""
+    return {"texts": source, "median_chars": median_chars(texts)}
 
 
 def produce_backlog(bootstrap: str, topic: str, texts: Sequence[str], count: int, partitions: int) -> float:

@@ -33,7 +33,7 @@ from consumer.stream import outputs
 from consumer.stream.decoding import decode
 from consumer.stream.offsets import OffsetTracker
 from consumer.stream.pipeline import _Completion
-from ops.bench.data import median_chars, review_texts, review_value
+from ops.bench.data import review_texts, review_value, texts_record
 from ops.bench.report import table, write_json
 
 PROBS = {"negative": 0.1, "positive": 0.9}
@@ -148,8 +148,7 @@ def main(reviews: int, repeats: int) -> None:
     write_json(
         "glue",
         {
-            "texts": source,
-            "median_chars": median_chars(texts),
+            **texts_record(texts, source),
             "us_per_review": result,
             "sum_current_us": current,
             "sum_proposed_us": proposed,

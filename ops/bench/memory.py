@@ -23,7 +23,7 @@ import orjson
 
 from ops.bench.broker import broker, broker_pid
 from ops.bench.children import standin, start_service
-from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.data import produce_backlog, review_texts, texts_record
 from ops.bench.outputs import outputs_in
 from ops.bench.report import console, machine, table, write_json
 from ops.bench.sampling import Sampler
@@ -138,8 +138,7 @@ def main(**options: Any) -> None:
         options["out"],
         {
             "machine": machine(),
-            "texts": text_source,
-            "median_chars": median_chars(texts),
+            **texts_record(texts, text_source),
             "options": options,
             "produce_seconds": round(produce_s, 1),
             **result,

@@ -22,7 +22,7 @@ import click
 
 from ops.bench.broker import broker, broker_pid
 from ops.bench.children import Child, start_service, wait_for
-from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.data import produce_backlog, review_texts, texts_record
 from ops.bench.outputs import outputs_in, read_outputs, throughput
 from ops.bench.report import console, machine, median, table, write_json
 from ops.bench.sampling import Sampler
@@ -143,8 +143,7 @@ def main(**options: Any) -> None:
         options["out"],
         {
             "machine": machine(),
-            "texts": text_source,
-            "median_chars": median_chars(texts),
+            **texts_record(texts, text_source),
             "options": options,
             "configs": {c.name: {"processes": c.processes, "env": c.env} for c in configs},
             "summary": summary,

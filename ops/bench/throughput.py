@@ -37,7 +37,7 @@ from consumer.config import Settings
 from ops.bench.broker import broker, broker_pid
 from ops.bench.ceilings import load_default_scorer, passthrough, rate_of, scorer_rates
 from ops.bench.children import parse_env_pairs, start_service, wait_for
-from ops.bench.data import median_chars, produce_backlog, review_texts
+from ops.bench.data import produce_backlog, review_texts, texts_record
 from ops.bench.outputs import outputs_in, read_outputs, throughput
 from ops.bench.profiling import profile, show
 from ops.bench.report import console, machine, median, table, write_json
@@ -286,8 +286,7 @@ def main(**options: Any) -> None:
             "machine": env,
             "reviews": options["reviews"],
             "partitions": options["partitions"],
-            "texts": text_source,
-            "median_chars": median_chars(texts),
+            **texts_record(texts, text_source),
             "produce_seconds": round(produce_s, 1),
             "total_seconds": round(time.monotonic() - started, 1),
             "summary": summary,
