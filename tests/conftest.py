@@ -6,6 +6,7 @@ import pytest
 import structlog
 from confluent_kafka.admin import AdminClient
 
+from consumer.kafka.admin import TopicAdmin
 from tests.support import kafka
 
 
@@ -16,12 +17,18 @@ def kafka_bootstrap() -> str:
 
 @pytest.fixture(scope="session")
 def kafka_admin(kafka_bootstrap: str) -> AdminClient:
+    """The raw client, for what TopicAdmin does not cover (describing consumer groups)."""
     return AdminClient({"bootstrap.servers": kafka_bootstrap})
 
 
+@pytest.fixture(scope="session")
+def topic_admin(kafka_bootstrap: str) -> TopicAdmin:
+    return TopicAdmin({"bootstrap.servers": kafka_bootstrap})
+
+
 @pytest.fixture
-def topics(kafka_admin: AdminClient) -> Iterator[kafka.Topics]:
-    made = kafka.Topics(kafka_admin)
+def topics(topic_admin: TopicAdmin) -> Iterator[kafka.Topics]:
+    made = kafka.Topics(topic_admin)
     yield made
     made.cleanup()
 

@@ -1,4 +1,7 @@
-"""Real-broker helpers for tests: unique topics, producing reviews, reading outputs until a condition holds."""
+"""Real-broker helpers for tests: unique topics, producing reviews, reading outputs until a condition holds.
+
+Topics are made and deleted with consumer.kafka.admin and read with consumer.kafka.reader (no group joins),
+the same code the service, the tools and the benchmarks use."""
 
 from __future__ import annotations
 
@@ -6,12 +9,16 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from consumer.kafka.admin import TopicAdmin, TopicSpec
+from consumer.kafka.reader import Fetched, TopicReader
 
 
 def bootstrap() -> str:
@@ -28,34 +35,29 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-class Topics:
-    """Creates uniquely named topics and deletes them at the end."""
+def topic_admin() -> TopicAdmin:
+    return TopicAdmin({"bootstrap.servers": bootstrap()})
 
-    def __init__(self, admin: AdminClient) -> None:
-        self._admin = admin
+
+class Topics:
+    """Creates uniquely named topics and deletes them at the end.
+
+    Takes a TopicAdmin; a plain AdminClient (older call sites) is accepted, and then one is made on
+    ``bootstrap()``, where that client points too."""
+
+    def __init__(self, admin: TopicAdmin | AdminClient | None = None) -> None:
+        self._admin = admin if isinstance(admin, TopicAdmin) else topic_admin()
         self.created: list[str] = []
 
     def make(self, prefix: str, partitions: int = 1) -> str:
+        """A new topic, every partition with a leader."""
         name = unique(prefix)
-        futures = self._admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-        futures[name].result(timeout=30)
+        self._admin.create([TopicSpec(name, partitions)])
         self.created.append(name)
-        wait_for(lambda: _has_leaders(self._admin, name, partitions), 30, f"topic {name} has leaders")
         return name
 
     def cleanup(self) -> None:
-        if self.created:
-            futures = self._admin.delete_topics(self.created, operation_timeout=30)
-            for future in futures.values():
-                with suppress(KafkaException):
-                    future.result(timeout=30)
-
-
-def _has_leaders(admin: AdminClient, topic: str, partitions: int) -> bool:
-    metadata = admin.list_topics(topic, timeout=5).topics.get(topic)
-    if metadata is None or metadata.error is not None or len(metadata.partitions) != partitions:
-        return False
-    return all(p.leader >= 0 for p in metadata.partitions.values())
+        self._admin.delete(self.created)
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
@@ -100,34 +102,44 @@ def produce_reviews(topic: str, reviews: Iterable[dict[str, Any]]) -> int:
     return produce(topic, (orjson.dumps(r) for r in reviews), None)
 
 
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message ``read_until`` returns: a Fetched behind the accessors of confluent's Message that tests call."""
+
+    fetched: Fetched
+
+    def topic(self) -> str:
+        return self.fetched.topic
+
+    def partition(self) -> int:
+        return self.fetched.partition
+
+    def offset(self) -> int:
+        return self.fetched.offset
+
+    def key(self) -> bytes | None:
+        return self.fetched.key
+
+    def value(self) -> bytes | None:
+        return self.fetched.value
+
+
 @contextmanager
-def reader(topic: str) -> Iterator[Consumer]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap(),
-            "group.id": unique("reader"),
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    try:
-        yield consumer
-    finally:
-        consumer.close()
+def reader(topic: str) -> Iterator[TopicReader]:
+    """Reads ``topic`` from the start, on past its end, without joining a group."""
+    with TopicReader({"bootstrap.servers": bootstrap()}, [topic]) as topic_reader:
+        yield topic_reader
 
 
-def read_until(topic: str, condition: Callable[[list[Any]], bool], timeout_s: float) -> list[Any]:
+def read_until(topic: str, condition: Callable[[list[Received]], bool], timeout_s: float) -> list[Received]:
     """Read messages from the start of ``topic`` until ``condition(messages)`` holds."""
-    messages: list[Any] = []
+    messages: list[Received] = []
     deadline = time.monotonic() + timeout_s
-    with reader(topic) as consumer:
+    with reader(topic) as topic_reader:
         while not condition(messages):
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout_s}s reading {topic}: have {len(messages)} messages")
-            for message in consumer.consume(1000, 0.2):
-                if message.error() is None:
-                    messages.append(message)
+            messages.extend(Received(fetched) for fetched in topic_reader.poll(0.2))
     return messages
 
 

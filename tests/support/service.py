@@ -116,7 +116,10 @@ def control(base_url: str, **changes: Any) -> None:
 
 
 class Collector:
-    """Keeps reading a topic from the start, collecting decoded JSON values, for waits during a run."""
+    """Keeps reading a topic from the start, collecting decoded JSON values, for waits during a run.
+
+    A subscribed consumer rather than consumer.kafka.reader: it must ride out a broker restart (the fault
+    tests), where the reader stops at the first transport error."""
 
     def __init__(self, topic: str) -> None:
         from confluent_kafka import Consumer
