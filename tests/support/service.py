@@ -119,7 +119,8 @@ class Collector:
     """Keeps reading a topic from the start, collecting decoded JSON values, for waits during a run.
 
     A subscribed consumer rather than consumer.kafka.reader: it must ride out a broker restart (the fault
-    tests), where the reader stops at the first transport error."""
+    tests), and the reader ends at an unknown topic, which a restarting broker may briefly report; that
+    test cannot run against the shared broker, so the switch waits until it can be proved."""
 
     def __init__(self, topic: str) -> None:
         from confluent_kafka import Consumer
