@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import ClassVar, Literal
 
 
 class ExitCode(enum.IntEnum):
@@ -48,12 +49,22 @@ class BadInputError(ShuntError):
         self.detail = detail
 
 
+BreakerEffect = Literal["healthy", "failing", "neutral", "misconfigured"]
+
+
 class LlmError(ShuntError):
-    """A large-model call did not give a usable answer."""
+    """A large-model call did not give a usable answer.
+
+    ``breaker`` is what the failure says about the provider, for the circuit breaker (see
+    :func:`breaker_effect`): the default, ``failing``, counts towards opening it."""
+
+    breaker: ClassVar[BreakerEffect] = "failing"
 
 
 class RateLimitedError(LlmError):
     """The provider said 429; ``retry_after_s`` is what it asked us to wait (None when it did not say)."""
+
+    breaker: ClassVar[BreakerEffect] = "neutral"
 
     def __init__(self, retry_after_s: float | None, detail: str = "rate limited") -> None:
         super().__init__(detail)
@@ -66,6 +77,26 @@ class TransientLlmError(LlmError):
 
 class PermanentLlmError(LlmError):
     """Not worth retrying: 4xx other than the above, an answer outside the allowed labels, bad JSON."""
+
+
+class RequestRejectedError(PermanentLlmError):
+    """A 4xx about this one request (400 content filter or context length, 404, 413, 422): fall back for this
+    review only. Never counts against the breaker: five poison reviews must not stop everyone's labels."""
+
+    reason = "request_rejected"
+    breaker: ClassVar[BreakerEffect] = "neutral"
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class AuthFailedError(RequestRejectedError):
+    """401/403: the service is misconfigured (bad or revoked key, no access to the model), not the review.
+    The breaker opens at once, readiness fails until an answer comes through again, and the pool logs one
+    ``llm_auth_failed`` event; the review itself falls back like any rejected request (``request_rejected``)."""
+
+    breaker: ClassVar[BreakerEffect] = "misconfigured"
 
 
 class GaveUpError(LlmError):
@@ -88,3 +119,30 @@ def on_llm_failure(error: LlmError, attempt: int, max_attempts: int, budget_left
     if attempt >= max_attempts or not budget_left:
         return Action.FALLBACK
     return Action.RETRY
+
+
+AUTH_STATUSES = frozenset({401, 403})
+RETRIABLE_STATUSES = frozenset({408, 409})  # and 429 (rate limited) and every 5xx
+
+
+def llm_http_error(status: int, detail: str, retry_after_s: float | None = None) -> LlmError | None:
+    """The LLM failure policy's table, from an HTTP status to the error it is (None for a 2xx).
+
+    429 -> rate limited (pool-wide pause); 408/409/5xx -> transient (retried); 401/403 -> misconfigured
+    (breaker open, readiness failing); any other 4xx (400/404/413/422...) -> this request only (fallback)."""
+    if 200 <= status < 300:
+        return None
+    if status == 429:
+        return RateLimitedError(retry_after_s, detail)
+    if status in RETRIABLE_STATUSES or status >= 500:
+        return TransientLlmError(detail)
+    if status in AUTH_STATUSES:
+        return AuthFailedError(status, detail)
+    return RequestRejectedError(status, detail)
+
+
+def breaker_effect(error: BaseException) -> BreakerEffect:
+    """What a failed attempt tells the circuit breaker: ``failing`` (5xx, timeouts, garbage) counts towards
+    opening it, ``healthy`` (the provider answered, badly) resets the count, ``neutral`` (throttled,
+    rejected for this request, cancelled) says nothing, ``misconfigured`` (401/403) opens it at once."""
+    return error.breaker if isinstance(error, LlmError) else "neutral"

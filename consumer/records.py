@@ -68,12 +68,16 @@ class LlmAnswer:
 
 @dataclass(frozen=True, slots=True)
 class LlmFailure:
-    """The pool gave up on a review; ``reason`` is a machine-readable code."""
+    """The pool gave up on a review; ``reason`` is a machine-readable code. ``cost_usd`` and the token counts
+    are what the provider billed on the way (an invalid answer is still paid for): they count in the cost
+    meter whatever becomes of the review."""
 
     reason: str
     detail: str = ""
     attempts: int = 0
     cost_usd: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 LlmOutcome = LlmAnswer | LlmFailure

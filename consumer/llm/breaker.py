@@ -3,6 +3,8 @@
 closed --(``failures`` consecutive failures)--> open --(``reset_s`` later, next call)--> half_open
 half_open --(the probe succeeds)--> closed;  half_open --(the probe fails)--> open.
 
+Any state --(:meth:`Ticket.trip`: 401/403, the service is misconfigured)--> open, at once.
+
 In half_open one probe at a time goes through; everything else is refused. Each call holds a
 :class:`Ticket` stamped with the breaker's generation (bumped on every transition), so a late answer to a
 request sent before the breaker changed state cannot close or reopen it by accident. Every transition is
@@ -43,6 +45,11 @@ class Ticket:
         """The provider failed (5xx, timeout, connection error, garbage)."""
         if self._settle():
             self._breaker._on_failure(self)
+
+    def trip(self) -> None:
+        """The provider refused our credentials: open now, whatever the count (every call would fail)."""
+        if self._settle():
+            self._breaker._on_trip()
 
     def release(self) -> None:
         """The call ended without saying anything about the provider's health (cancelled, throttled)."""
@@ -109,6 +116,12 @@ class CircuitBreaker:
         self._consecutive += 1
         if self._state == "half_open" or self._consecutive >= self._threshold:
             self._opened_at = self._clock.now()
+            self._move("open")
+
+    def _on_trip(self) -> None:
+        # No generation check: a bad key is bad for every request, however late its answer comes.
+        self._opened_at = self._clock.now()
+        if self._state != "open":
             self._move("open")
 
     def _on_release(self, ticket: Ticket) -> None:

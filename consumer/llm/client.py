@@ -3,12 +3,18 @@
 ``POST {base_url}/chat/completions`` on one shared aiohttp session (connect and read timeouts, a connector
 bounded to ``max_concurrency``). Responses map to the error classes of :mod:`consumer.errors`:
 
-* 429 -> :class:`RateLimitedError` with the wait the provider asked for (``retry-after-ms``, then
-  ``Retry-After`` in seconds or as an HTTP date, then ``x-ratelimit-reset-requests/-tokens``);
-* 408, 409, 5xx, timeouts, dropped connections -> :class:`TransientLlmError` (timeouts: :class:`LlmTimeoutError`);
-* other 4xx -> :class:`RequestRejectedError`; a body that is not a chat completion, or has no usage ->
-  :class:`MalformedResponseError`; an answer that is not exactly ``{"label": <allowed label>}`` ->
-  :class:`InvalidAnswerError`. All three are :class:`PermanentLlmError` with a machine-readable ``reason``.
+* statuses map through :func:`consumer.errors.llm_http_error` (the LLM failure policy): 429 ->
+  :class:`RateLimitedError` with the wait the provider asked for (``retry-after-ms``, then ``Retry-After``
+  in seconds or as an HTTP date, then ``x-ratelimit-reset-requests/-tokens``; the pool caps it);
+  408, 409, 5xx -> :class:`TransientLlmError`; 401/403 -> :class:`AuthFailedError`; other 4xx ->
+  :class:`RequestRejectedError` (this request only);
+* timeouts and dropped connections -> :class:`TransientLlmError` (timeouts: :class:`LlmTimeoutError`);
+* a body that is not a chat completion, has no usage or is over ``llm.max_response_bytes`` (never read
+  whole) -> :class:`MalformedResponseError`; an answer that is not exactly ``{"label": <allowed label>}``
+  -> :class:`InvalidAnswerError`. Both are :class:`PermanentLlmError` with a machine-readable ``reason``.
+
+The review id goes in ``X-Review-Id`` only as printable ASCII: anything else (a control character is
+allowed by ``review.v1``) is percent-encoded, and an id too long for a header is left out.
 
 The API key is sent as a Bearer header and nowhere else: error messages are built from status codes and
 scrubbed snippets, exceptions are raised ``from None`` (aiohttp's carry the request headers), and the repr
@@ -22,16 +28,24 @@ import email.utils
 import math
 import re
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
 
 from consumer.config import LlmConfig
-from consumer.errors import PermanentLlmError, RateLimitedError, TransientLlmError
+from consumer.errors import (
+    AuthFailedError,
+    BreakerEffect,
+    PermanentLlmError,
+    RequestRejectedError,
+    TransientLlmError,
+    llm_http_error,
+)
 from consumer.llm.prompting import Prompt
 
 _SNIPPET = 200
@@ -39,6 +53,9 @@ _REDACTED = "**********"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|us|µs|ns|h|m|s))+")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_MAX_ID_HEADER = 512
+_CHUNK = 64 * 1024
+__all__ = ["AuthFailedError", "RequestRejectedError"]  # re-exported: they are part of what complete() raises
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +74,6 @@ class LlmTimeoutError(TransientLlmError):
     """The provider did not connect or answer in time."""
 
 
-class RequestRejectedError(PermanentLlmError):
-    """A 4xx other than 408/409/429: the request itself is wrong (bad key, bad model, too long)."""
-
-    reason = "request_rejected"
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-
-
 class MalformedResponseError(PermanentLlmError):
     """A 2xx whose body is not a usable chat completion (not JSON, no choices, no usage)."""
 
@@ -77,6 +84,7 @@ class InvalidAnswerError(PermanentLlmError):
     """The model answered, but not with exactly one allowed label. The tokens were still paid for."""
 
     reason = "invalid_answer"
+    breaker: ClassVar[BreakerEffect] = "healthy"  # the provider is up; the model just answered badly
 
     def __init__(self, detail: str, usage: Usage | None = None) -> None:
         super().__init__(detail)
@@ -233,33 +241,44 @@ class LlmClient:
         headers = {"Content-Type": "application/json"}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key}"
-        if review_id is not None:
-            headers["X-Review-Id"] = review_id
+        header_id = review_id_header(review_id)
+        if header_id is not None:
+            headers["X-Review-Id"] = header_id
         started = time.monotonic()
         try:
             async with self._session.post(
                 self._url, data=orjson.dumps(self.request_body(prompt)), headers=headers
             ) as r:
-                status, response_headers, raw = r.status, r.headers, await r.read()
+                status, response_headers = r.status, r.headers
+                raw, whole = await _read_capped(r.content, self._config.max_response_bytes)
         except TimeoutError:
             raise LlmTimeoutError("the provider did not answer in time") from None
         except aiohttp.ClientError as exc:
             raise TransientLlmError(self._scrub(f"connection failed: {type(exc).__name__}: {exc}")) from None
         latency_ms = (time.monotonic() - started) * 1000.0
-        return self._interpret(status, response_headers, raw, prompt, latency_ms)
+        return self._interpret(status, response_headers, raw if whole else None, prompt, latency_ms)
 
     def _interpret(
-        self, status: int, headers: Mapping[str, str], raw: bytes, prompt: Prompt, latency_ms: float
+        self, status: int, headers: Mapping[str, str], raw: bytes | None, prompt: Prompt, latency_ms: float
     ) -> Completion:
-        if status == 429:
-            raise RateLimitedError(retry_after_s(headers), "rate limited (429)")
-        if status in (408, 409) or status >= 500:
-            raise TransientLlmError(f"provider error {status}: {self._snippet(raw)}")
-        if not 200 <= status < 300:
-            raise RequestRejectedError(status, f"request rejected ({status}): {self._snippet(raw)}")
+        """``raw`` is None when the body was over ``max_response_bytes``."""
+        error = llm_http_error(
+            status, self._describe(status, raw or b""), retry_after_s(headers) if status == 429 else None
+        )
+        if error is not None:
+            raise error
+        if raw is None:
+            raise MalformedResponseError(f"the response body is over {self._config.max_response_bytes} bytes")
         content, usage = _completion_parts(raw)
         label = parse_label(content, prompt.allowed_labels, usage)
         return Completion(label, usage, rate_limit_headers(headers), latency_ms)
+
+    def _describe(self, status: int, raw: bytes) -> str:
+        if status == 429:
+            return "rate limited (429)"
+        if status in (408, 409) or status >= 500:
+            return f"provider error {status}: {self._snippet(raw)}"
+        return f"request rejected ({status}): {self._snippet(raw)}"
 
     def _snippet(self, raw: bytes) -> str:
         return self._scrub(raw[:_SNIPPET].decode("utf-8", errors="replace"))
@@ -269,6 +288,28 @@ class LlmClient:
         if self._key:
             text = text.replace(self._key, _REDACTED)
         return text
+
+
+def review_id_header(review_id: str | None) -> str | None:
+    """The ``X-Review-Id`` value for an id: as is when printable ASCII, else percent-encoded UTF-8; None
+    when there is no id or it is too long for a header (the stand-in matches by text anyway)."""
+    if review_id is None:
+        return None
+    value = review_id if review_id.isascii() and review_id.isprintable() else urllib.parse.quote(review_id, safe="")
+    return value if len(value) <= _MAX_ID_HEADER else None
+
+
+async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a body, and whether that was all of it (a larger body is never held whole)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in stream.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            return b"".join(chunks), False
+        chunks.append(chunk)
+    return b"".join(chunks), True
 
 
 def _completion_parts(raw: bytes) -> tuple[str, Usage]:

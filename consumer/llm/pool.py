@@ -1,14 +1,18 @@
 """The LLM worker pool: uncertain reviews in, an answer or a clean failure out, within the budget.
 
-``max_concurrency`` workers read one bounded queue (``queue_high_water``) and share one rate limiter
-(requests/minute, tokens/minute, concurrency; a 429 pauses all of them), one circuit breaker, one pool-wide
-retry budget and one answer cache. Whether a failed call is retried or handed back as an
-:class:`~consumer.records.LlmFailure` is decided by :func:`consumer.errors.on_llm_failure`; retries wait
-with exponential backoff and full jitter. ``label()`` never raises for provider problems.
+``max_concurrency`` workers read one bounded queue (``queue_high_water`` reviews, ``max_queue_bytes`` of
+them) and share one rate limiter (requests/minute, tokens/minute, concurrency; a 429 pauses all of them,
+for at most ``max_retry_after_s``), one circuit breaker, one pool-wide retry budget and one answer cache.
+Identical reviews in flight at once share one request (single flight). Whether a failed call is retried or
+handed back as an :class:`~consumer.records.LlmFailure` is decided by :func:`consumer.errors.on_llm_failure`,
+and what it tells the breaker by :func:`consumer.errors.breaker_effect`: a request rejected for itself
+(400/404/413/422) falls back for that review only; 401/403 open the breaker at once, log one
+``llm_auth_failed`` and mark the pool not ready (:attr:`PoolStats.auth_failed`). Retries wait with
+exponential backoff and full jitter. ``label()`` never raises for provider problems.
 
 Failure reasons: ``retries_exhausted``, ``retry_budget_exhausted``, ``circuit_open``, ``invalid_answer``,
-``malformed_response``, ``request_rejected``, ``request_too_large``, ``invalid_request``, ``shutdown``,
-``internal_error``.
+``malformed_response``, ``request_rejected``, ``too_large_for_tpm``,
+``invalid_request``, ``shutdown``, ``internal_error``.
 """
 
 from __future__ import annotations
@@ -16,111 +20,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import random
-from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 
 from consumer.aio import cancel_and_wait
 from consumer.config import LlmConfig
-from consumer.errors import Action, LlmError, PermanentLlmError, RateLimitedError, on_llm_failure
+from consumer.errors import (
+    Action,
+    AuthFailedError,
+    LlmError,
+    PermanentLlmError,
+    RateLimitedError,
+    breaker_effect,
+    on_llm_failure,
+)
 from consumer.llm.breaker import CircuitBreaker, Ticket
-from consumer.llm.cache import LlmCache, cache_key
+from consumer.llm.budget import RETRY_FLOOR, RetryBudget
+from consumer.llm.cache import CacheKey, LlmCache, cache_key
 from consumer.llm.client import Completion, InvalidAnswerError, LlmClient, LlmTimeoutError, Usage
+from consumer.llm.jobs import ByteGate, Counters, Job, PoolStats, follow, job_bytes
 from consumer.llm.prompting import Prompt, PromptKind, build_prompt, estimate_request_tokens
-from consumer.llm.ratelimit import Clock, MonotonicClock, Permit, RateLimiter, RequestTooLargeError
+from consumer.llm.ratelimit import Clock, MonotonicClock, Permit, RateLimiter
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Scored
+
+__all__ = ["RETRY_FLOOR", "LlmPool", "PoolStats", "RetryBudget"]
 
 log = structlog.get_logger(__name__)
 
-RETRY_FLOOR = 5
-"""Retries always allowed per budget window on top of the ratio, so a quiet pool can still retry."""
-RETRY_WINDOW_S = 60.0
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """Cumulative counters of one pool, for metrics. ``requests`` counts HTTP calls (attempts)."""
-
-    requests: int
-    successes: int
-    retries: int
-    rate_limited: int
-    errors: int
-    timeouts: int
-    cache_hits: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    breaker_state: str
-    breaker_transitions: int
-    backlog: int
-    failures: int = 0
-    paused_for_s: float = 0.0
-    share: float = 1.0
-
-
-@dataclass(slots=True)
-class _Counters:
-    requests: int = 0
-    successes: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    errors: int = 0
-    timeouts: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    failures: int = 0
-
-
-class RetryBudget:
-    """Pool-wide: retries in the last ``window_s`` may not exceed ``ratio`` x first attempts + ``floor``.
-
-    Windowed rather than lifetime totals, so hours of health do not bank a retry storm for an outage."""
-
-    def __init__(self, ratio: float, floor: int, clock: Clock, window_s: float = RETRY_WINDOW_S) -> None:
-        self._ratio, self._floor, self._clock, self._window_s = ratio, floor, clock, window_s
-        self._firsts: deque[float] = deque()
-        self._retries: deque[float] = deque()
-
-    def record_first(self) -> None:
-        self._firsts.append(self._clock.now())
-
-    def record_retry(self) -> None:
-        self._retries.append(self._clock.now())
-
-    def can_retry(self) -> bool:
-        horizon = self._clock.now() - self._window_s
-        for times in (self._firsts, self._retries):
-            while times and times[0] <= horizon:
-                times.popleft()
-        return len(self._retries) < self._ratio * len(self._firsts) + self._floor
-
-
-@dataclass(slots=True)
-class _Job:
-    review_id: str
-    text: str
-    prompt: Prompt
-    future: asyncio.Future[LlmOutcome]
-    log: Any
-    attempts: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-
-    def resolve(self, outcome: LlmOutcome) -> None:
-        if not self.future.done():
-            self.future.set_result(outcome)
-
-    def failure(self, reason: str, detail: str) -> LlmFailure:
-        return LlmFailure(reason, detail, attempts=self.attempts, cost_usd=self.cost_usd)
 
 
 class LlmPool:
@@ -146,9 +77,12 @@ class LlmPool:
         self._limiter = RateLimiter(config.rpm, config.tpm, config.max_concurrency, self._clock)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, self._clock)
         self._budget = RetryBudget(config.retry_budget_ratio, retry_floor, self._clock)
-        self._cache = LlmCache(config.cache_size)
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=config.queue_high_water)
-        self._counters = _Counters()
+        self._cache = LlmCache(config.cache_size, config.cache_max_bytes)
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.queue_high_water)
+        self._counters = Counters()
+        self._flights: dict[CacheKey, asyncio.Future[LlmOutcome]] = {}
+        self._gate = ByteGate(config.max_queue_bytes)  # jobs waiting for a queue slot, queued or in progress
+        self._auth_failed = False
         self._share = 1.0
         self._in_progress = 0
         self._workers: list[asyncio.Task[None]] = []
@@ -189,20 +123,60 @@ class LlmPool:
         except ValueError as exc:
             return LlmFailure("invalid_request", str(exc))
         review = scored.review
-        cached = self._from_cache(review.text, built)
-        if cached is not None:
-            return cached
+        key = cache_key(review.text, built.version, self._config.model, built.allowed_labels)
+        early = self._from_cache(key) or self._too_large(built)
+        if early is not None:
+            return early
+        while (flight := self._flights.get(key)) is not None:
+            shared = await follow(flight)
+            if shared is not None:
+                self._counters.shared += 1
+                return shared
         bound = log.bind(review_id=review.id, topic=review.origin.topic, partition=review.origin.partition,
                          offset=review.origin.offset)  # fmt: skip
-        job = _Job(review.id, review.text, built, asyncio.get_running_loop().create_future(), bound)
-        await self._queue.put(job)
+        job = Job(review.id, review.text, built, key, asyncio.get_running_loop().create_future(), bound)
+        job.size = job_bytes(review.text, built)
+        self._flights[key] = job.future  # identical reviews from now on wait for this one (single flight)
+        try:
+            return await self._submit(job)
+        finally:
+            if self._flights.get(key) is job.future:
+                del self._flights[key]
+
+    def _too_large(self, prompt: Prompt) -> LlmFailure | None:
+        estimate = estimate_request_tokens(prompt, self._config.max_completion_tokens)
+        if self._limiter.fits(estimate):
+            return None
+        self._counters.failures += 1  # no wait makes it fit: say so now rather than hold it
+        return LlmFailure("too_large_for_tpm", f"~{estimate} tokens is over the limit of {self._config.tpm}/min")
+
+    async def _submit(self, job: Job) -> LlmOutcome:
+        await self._gate.enter(job.size)
+        try:
+            await self._queue.put(job)
+        except BaseException:
+            self._release(job)
+            raise
         if self._closed():
             self._fail_queued()  # we got in after the shutdown sweep: sweep again
         return await job.future
 
+    def _release(self, job: Job) -> None:
+        self._gate.leave(job.size)
+        job.size = 0
+
     def backlog(self) -> int:
         """Reviews queued or being worked on."""
         return self._queue.qsize() + self._in_progress
+
+    def backlog_bytes(self) -> int:
+        """Review bytes the backlog holds (queued, waiting for a queue slot, or being worked on)."""
+        return self._gate.held
+
+    @property
+    def auth_failed(self) -> bool:
+        """True from a 401/403 until an answer comes through again: the service is misconfigured."""
+        return self._auth_failed
 
     def set_share(self, fraction: float) -> None:
         """Use ``fraction`` of the configured RPM/TPM (this instance's share of the group's partitions)."""
@@ -219,7 +193,7 @@ class LlmPool:
             completion_tokens=c.completion_tokens, cost_usd=c.cost_usd, breaker_state=self._breaker.state,
             breaker_transitions=self._breaker.transition_count, backlog=self.backlog(), failures=c.failures,
             paused_for_s=max(0.0, self._limiter.paused_until - self._clock.now()),
-            share=self._share,
+            share=self._share, auth_failed=self._auth_failed, backlog_bytes=self._gate.held, shared=c.shared,
         )  # fmt: skip
 
     def _closed(self) -> bool:
@@ -231,8 +205,8 @@ class LlmPool:
             scored.review.text, probs, kind, prompt_mass=self._config.prompt_mass, hint=self._config.hint
         )
 
-    def _from_cache(self, text: str, prompt: Prompt) -> LlmAnswer | None:
-        hit = self._cache.get(cache_key(text, prompt.version, self._config.model, prompt.allowed_labels))
+    def _from_cache(self, key: CacheKey) -> LlmAnswer | None:
+        hit = self._cache.get(key)
         if hit is not None:
             self._counters.cache_hits += 1
         return hit
@@ -252,6 +226,7 @@ class LlmPool:
             except asyncio.QueueEmpty:
                 return failed
             job.resolve(job.failure("shutdown", "the pool stopped before this review was sent"))
+            self._release(job)
             self._queue.task_done()
             failed += 1
 
@@ -263,13 +238,14 @@ class LlmPool:
                 await self._serve(job)
             finally:
                 self._in_progress -= 1
+                self._release(job)
                 self._queue.task_done()
 
-    async def _serve(self, job: _Job) -> None:
+    async def _serve(self, job: Job) -> None:
         if job.future.done():  # the caller stopped waiting
             return
         try:
-            outcome = self._from_cache(job.text, job.prompt) or await self._run(job)
+            outcome = self._from_cache(job.key) or await self._run(job)
         except asyncio.CancelledError:
             job.resolve(job.failure("shutdown", "the pool stopped before an answer came"))
             raise
@@ -279,7 +255,7 @@ class LlmPool:
             outcome = job.failure("internal_error", type(exc).__name__)
         job.resolve(outcome)
 
-    async def _run(self, job: _Job) -> LlmOutcome:
+    async def _run(self, job: Job) -> LlmOutcome:
         while True:
             ticket = self._breaker.try_acquire()
             if ticket is None:
@@ -297,7 +273,7 @@ class LlmPool:
                 return job.failure(reason, str(exc))
             return self._answered(job, completion)
 
-    async def _attempt(self, job: _Job, ticket: Ticket) -> Completion:
+    async def _attempt(self, job: Job, ticket: Ticket) -> Completion:
         estimate = estimate_request_tokens(job.prompt, self._config.max_completion_tokens)
         try:
             async with self._limiter.acquire(estimate) as permit:
@@ -307,12 +283,34 @@ class LlmPool:
                 job.log.debug("llm_request", attempt=job.attempts, estimated_tokens=estimate)
                 completion = await self._call(job, permit)
         except BaseException as exc:
-            _settle(ticket, exc)
+            self._settle(ticket, exc)
             raise
         ticket.success()
+        if self._auth_failed:
+            self._auth_failed = False
+            log.info("llm_auth_recovered")
         return completion
 
-    async def _call(self, job: _Job, permit: Permit) -> Completion:
+    def _settle(self, ticket: Ticket, exc: BaseException) -> None:
+        """Tell the breaker what an attempt that raised says about the provider's health (the policy's call)."""
+        effect = breaker_effect(exc)
+        if effect == "healthy":
+            ticket.success()
+        elif effect == "failing":
+            ticket.failure()
+        elif effect == "misconfigured":
+            ticket.trip()
+            self._on_auth_failed(exc)
+        else:
+            ticket.release()  # throttled, rejected for this request only, cancelled: nothing learned
+
+    def _on_auth_failed(self, exc: BaseException) -> None:
+        if not self._auth_failed:  # one clear event, not one per review
+            self._auth_failed = True
+            status = exc.status if isinstance(exc, AuthFailedError) else None
+            log.error("llm_auth_failed", status=status, detail=str(exc), model=self._config.model)
+
+    async def _call(self, job: Job, permit: Permit) -> Completion:
         assert self._client is not None
         try:
             completion = await self._client.complete(job.prompt, review_id=job.review_id)
@@ -325,19 +323,14 @@ class LlmPool:
         self._bill(job, completion.usage)
         return completion
 
-    def _bill(self, job: _Job, usage: Usage) -> None:
-        cost = (
-            usage.prompt_tokens * self._price.input_per_mtok + usage.completion_tokens * self._price.output_per_mtok
-        ) / 1e6
-        job.prompt_tokens += usage.prompt_tokens
-        job.completion_tokens += usage.completion_tokens
-        job.cost_usd += cost
+    def _bill(self, job: Job, usage: Usage) -> None:
+        cost = job.bill(usage.prompt_tokens, usage.completion_tokens, self._price)
         c = self._counters
         c.prompt_tokens += usage.prompt_tokens
         c.completion_tokens += usage.completion_tokens
         c.cost_usd += cost
 
-    async def _after_error(self, job: _Job, exc: LlmError) -> str | None:
+    async def _after_error(self, job: Job, exc: LlmError) -> str | None:
         """Count the error and decide: None to retry (after waiting), or the reason to give up."""
         self._count_error(exc)
         if isinstance(exc, RateLimitedError):
@@ -362,12 +355,15 @@ class LlmPool:
 
     def _pause(self, seconds: float | None, attempt: int, cause: str) -> None:
         wait = seconds if seconds is not None else self._backoff_s(attempt)
+        cap = self._config.max_retry_after_s
+        if not wait <= cap:  # also NaN: a provider's (or a proxy's bad date's) day-long wait must not freeze us
+            if self._clock.now() >= self._limiter.paused_until:  # once per pause, not once per 429
+                seen = wait if math.isfinite(wait) else str(wait)
+                log.warning("llm_retry_after_capped", cause=cause, seen_s=seen, cap_s=cap)
+            wait = cap
         until = self._limiter.pause_for(wait)
         log.info(
-            "llm_pool_paused",
-            cause=cause,
-            pause_s=round(wait, 3),
-            resume_in_s=round(until - self._clock.now(), 3),
+            "llm_pool_paused", cause=cause, pause_s=round(wait, 3), resume_in_s=round(until - self._clock.now(), 3)
         )
 
     def _backoff_s(self, attempt: int) -> float:
@@ -375,7 +371,7 @@ class LlmPool:
         cap = min(self._config.backoff_max_s, self._config.backoff_base_s * 2 ** max(0, attempt - 1))
         return self._rng.uniform(0.0, cap)
 
-    def _answered(self, job: _Job, completion: Completion) -> LlmAnswer:
+    def _answered(self, job: Job, completion: Completion) -> LlmAnswer:
         self._counters.successes += 1
         pause = completion.limits.exhausted_pause_s()
         if pause is not None:  # the provider says the budget is spent: wait for its reset, do not earn a 429
@@ -385,21 +381,11 @@ class LlmPool:
             completion_tokens=job.completion_tokens, cost_usd=job.cost_usd, latency_ms=completion.latency_ms,
             prompt_version=job.prompt.version, attempts=job.attempts,
         )  # fmt: skip
-        self._cache.put(cache_key(job.text, job.prompt.version, self._config.model, job.prompt.allowed_labels), answer)
+        self._cache.put(job.key, answer)
         job.log.debug(
             "llm_answer", label=answer.label, attempts=answer.attempts, latency_ms=round(answer.latency_ms, 1)
         )
         return answer
-
-
-def _settle(ticket: Ticket, exc: BaseException) -> None:
-    """Tell the breaker what an attempt that raised says about the provider's health."""
-    if isinstance(exc, InvalidAnswerError):
-        ticket.success()  # the provider is up; the model just answered badly
-    elif isinstance(exc, LlmError) and not isinstance(exc, RateLimitedError | RequestTooLargeError):
-        ticket.failure()
-    else:
-        ticket.release()  # throttled, too large, cancelled: nothing learned
 
 
 def _give_up_reason(exc: LlmError, attempt: int, max_attempts: int) -> str:

@@ -17,6 +17,13 @@ combines two mechanisms for each of requests and tokens:
   guarantee. Nothing is admitted that would put more than the limit into any window of ``span`` seconds,
   even right after :meth:`RateLimiter.set_share` lowered the limits or a token estimate was reconciled.
 
+Callers are admitted first come, first served, without a lock: each waits for its turn in a line, and only
+the caller at the head sleeps on the clock until its request fits (so a cancelled caller just leaves the
+line). A request larger than this instance's token share (after :meth:`RateLimiter.set_share`) waits for a
+window of its own: it goes once nothing else is in the window, and the window then holds only it. One that
+could never fit, larger than the whole configured TPM, is not waited for: :meth:`RateLimiter.fits` says
+so and the pool falls back at once (``too_large_for_tpm``).
+
 ``margin_s`` absorbs the jitter between the moment we admit a request and the moment the provider counts
 it, so the provider's own 60 s windows stay within the limit too. A 429 or an exhausted
 ``x-ratelimit-remaining-*`` header calls :meth:`RateLimiter.pause_for`, which holds back every caller of
@@ -33,9 +40,9 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from consumer.errors import PermanentLlmError
+from consumer.errors import BreakerEffect, PermanentLlmError
 
 WINDOW_S = 60.0
 DEFAULT_MARGIN_S = 0.5
@@ -111,6 +118,7 @@ class RequestTooLargeError(PermanentLlmError):
     """One request's token estimate is above the whole tokens/minute limit: it could never be sent."""
 
     reason = "request_too_large"
+    breaker: ClassVar[BreakerEffect] = "neutral"
 
 
 class _Entry:
@@ -137,13 +145,13 @@ class RollingWindow:
     def ready_at(self, now: float, amount: int, limit: int) -> float:
         """The earliest time at which adding ``amount`` keeps the window's total within ``limit``.
 
-        An amount above the limit (possible only after :meth:`RateLimiter.set_share` lowered it) is let
-        through alone, once the window is empty, so it cannot wait forever."""
+        An amount above the limit (a request above this instance's share) gets a window of its own: it is
+        let through alone, once everything in the window has left, so it never waits forever."""
         self._expire(now)
         if self._total + amount <= limit:
             return now
         if amount > limit:
-            return self._entries[-1].at + self._span
+            return self._entries[-1].at + self._span if self._total > 0 else now
         excess, freed = self._total + amount - limit, 0
         for entry in self._entries:
             freed += entry.amount
@@ -206,8 +214,9 @@ class Permit:
 class RateLimiter:
     """Requests/minute, tokens/minute and concurrency for one pool; see the module docstring.
 
-    Use ``async with limiter.acquire(estimated_tokens) as permit:`` around one HTTP request. Callers are
-    admitted first come, first served (one lock, held while waiting for the next free moment).
+    Use ``async with limiter.acquire(estimated_tokens) as permit:`` around one HTTP request, after
+    :meth:`fits` said it can ever be sent. Callers are admitted first come, first served (a line of turns;
+    no lock is held while anyone sleeps).
     """
 
     def __init__(
@@ -229,7 +238,7 @@ class RateLimiter:
         self._requests, self._tokens = RollingWindow(self._span), RollingWindow(self._span)
         self._request_pacer, self._token_pacer = Pacer(), Pacer()
         self._paused_until = -math.inf
-        self._lock = asyncio.Lock()
+        self._line: deque[asyncio.Future[None]] = deque()
         self._slots = asyncio.Semaphore(max_concurrency)
         self.in_flight = 0
         self.admitted = 0
@@ -264,6 +273,16 @@ class RateLimiter:
         self._paused_until = max(self._paused_until, self._clock.now() + max(0.0, seconds))
         return self._paused_until
 
+    def fits(self, tokens: int) -> bool:
+        """Whether a request of ``tokens`` could ever be sent: at most the whole configured TPM (a larger
+        share later would let it through; nothing lets through more than the provider's limit)."""
+        return tokens <= self._tpm
+
+    @property
+    def waiting(self) -> int:
+        """Callers in line for admission (the head may be sleeping on the clock)."""
+        return len(self._line)
+
     def tokens_in_window(self) -> int:
         return self._tokens.total(self._clock.now())
 
@@ -273,8 +292,9 @@ class RateLimiter:
     @contextlib.asynccontextmanager
     async def acquire(self, tokens: int) -> AsyncIterator[Permit]:
         """Wait for a concurrency slot and for the moment ``tokens`` more fit every limit; hold the slot
-        while the body runs. Raises :class:`RequestTooLargeError` when ``tokens`` exceeds the whole TPM."""
-        if tokens > self._tpm:
+        while the body runs. A request that could never fit (see :meth:`fits`) is refused at once with
+        :class:`RequestTooLargeError`, before it takes a slot or waits."""
+        if not self.fits(tokens):
             raise RequestTooLargeError(f"a request of ~{tokens} tokens exceeds the limit of {self._tpm}/min")
         async with self._slots:
             permit = await self._admit(max(0, tokens))
@@ -285,11 +305,20 @@ class RateLimiter:
                 self.in_flight -= 1
 
     async def _admit(self, tokens: int) -> Permit:
-        async with self._lock:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        if len(self._line) == 1:
+            turn.set_result(None)
+        try:
+            await turn
             # Re-check after every sleep: a 429 may have extended the pause meanwhile.
             while (wait := self._ready_at(tokens) - self._clock.now()) > 0:
                 await self._clock.sleep(wait)
             return self._record(tokens)
+        finally:
+            self._line.remove(turn)
+            if self._line and not self._line[0].done():
+                self._line[0].set_result(None)  # the next in line: its turn
 
     def _ready_at(self, tokens: int) -> float:
         now = self._clock.now()

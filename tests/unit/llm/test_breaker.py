@@ -126,3 +126,39 @@ def test_bad_settings_are_refused() -> None:
         CircuitBreaker(failures=0, reset_s=1.0)
     with pytest.raises(ValueError):
         CircuitBreaker(failures=1, reset_s=0.0)
+
+
+def test_a_trip_opens_at_once_whatever_the_count_and_a_late_trip_still_counts() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failures=5, reset_s=10.0, clock=clock)
+    late = breaker.try_acquire()
+    ticket = breaker.try_acquire()
+    assert ticket is not None and late is not None
+    ticket.trip()  # 401/403: one is enough
+    assert state(breaker) == "open" and breaker.try_acquire() is None
+    clock.advance(10.0)
+    probe = breaker.try_acquire()
+    assert probe is not None and state(breaker) == "half_open"
+    late.trip()  # an answer from before the transition: a bad key is bad whenever it is heard
+    assert state(breaker) == "open"
+
+
+def test_the_policy_tells_the_breaker_what_each_failure_means() -> None:
+    from consumer.errors import RateLimitedError, TransientLlmError, breaker_effect, llm_http_error
+    from consumer.llm.client import InvalidAnswerError, MalformedResponseError
+    from consumer.llm.ratelimit import RequestTooLargeError
+
+    effects = {status: breaker_effect(llm_http_error(status, "x")) for status in (400, 401, 403, 404, 408, 409)}
+    effects |= {status: breaker_effect(llm_http_error(status, "x")) for status in (413, 422, 429, 500, 503)}
+    assert effects == {
+        400: "neutral", 404: "neutral", 413: "neutral", 422: "neutral", 429: "neutral",
+        401: "misconfigured", 403: "misconfigured",
+        408: "failing", 409: "failing", 500: "failing", 503: "failing",
+    }  # fmt: skip
+    assert llm_http_error(200, "ok") is None
+    assert isinstance(llm_http_error(429, "x", 3.0), RateLimitedError)
+    assert isinstance(llm_http_error(502, "x"), TransientLlmError)
+    assert breaker_effect(InvalidAnswerError("bad")) == "healthy"
+    assert breaker_effect(MalformedResponseError("bad")) == "failing"
+    assert breaker_effect(RequestTooLargeError("big")) == "neutral"
+    assert breaker_effect(ValueError("a bug")) == "neutral"

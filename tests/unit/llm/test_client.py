@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from consumer.config import LlmConfig
-from consumer.errors import LlmError, RateLimitedError, TransientLlmError
+from consumer.errors import AuthFailedError, LlmError, RateLimitedError, TransientLlmError
 from consumer.llm.client import (
     InvalidAnswerError,
     LlmClient,
@@ -27,6 +27,7 @@ from consumer.llm.client import (
     parse_label,
     rate_limit_headers,
     retry_after_s,
+    review_id_header,
 )
 from consumer.llm.prompting import build_prompt
 
@@ -121,6 +122,10 @@ async def test_reports_usage_and_rate_limit_headers(provider: tuple[Scripted, st
         (400, RequestRejectedError),
         (401, RequestRejectedError),
         (404, RequestRejectedError),
+        (403, AuthFailedError),
+        (401, AuthFailedError),
+        (413, RequestRejectedError),
+        (422, RequestRejectedError),
     ],
 )
 async def test_status_codes_map_to_types(provider: tuple[Scripted, str], status: int, error: type[LlmError]) -> None:
@@ -238,3 +243,31 @@ def test_rate_limit_headers_say_when_to_slow_down() -> None:
     assert RateLimitHeaders(remaining_tokens=0).exhausted_pause_s(default_s=1.0) == 1.0
     both = RateLimitHeaders(remaining_requests=0, remaining_tokens=0, reset_requests_s=0.2, reset_tokens_s=3.0)
     assert both.exhausted_pause_s() == 3.0
+
+
+def test_review_ids_are_sent_safely() -> None:
+    assert review_id_header("r-1:ok") == "r-1:ok"
+    assert review_id_header("a\nb") == "a%0Ab"
+    assert review_id_header("café") == "caf%C3%A9"
+    assert review_id_header("x" * 600) is None and review_id_header(None) is None
+
+
+async def test_a_review_id_with_a_control_character_is_sent_encoded(provider: tuple[Scripted, str]) -> None:
+    scripted, url = provider
+    async with LlmClient(config(url)) as client:
+        done = await client.complete(build_prompt("Nice.", PROBS, "s4l"), review_id="a\r\nX-Injected: 1")
+    headers = scripted.received[-1][0]
+    assert done.label == "positive" and headers["X-Review-Id"] == "a%0D%0AX-Injected%3A%201"
+    assert "X-Injected" not in headers
+
+
+async def test_a_body_over_max_response_bytes_is_malformed_and_not_read_whole(
+    provider: tuple[Scripted, str],
+) -> None:
+    scripted, url = provider
+    scripted.body = b'{"pad": "' + b"x" * 3_000_000 + b'"}'
+    with pytest.raises(MalformedResponseError, match="over 1048576 bytes"):
+        await ask(url)
+    scripted.status = 503  # an error body that large is only cut short: its status still decides
+    with pytest.raises(TransientLlmError):
+        await ask(url)

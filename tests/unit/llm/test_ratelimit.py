@@ -263,3 +263,86 @@ async def test_real_clock_sleeps() -> None:
     start = clock.now()
     await clock.sleep(0.01)
     assert clock.now() - start >= 0.009
+
+
+BIG = 22_600  # a 90 KB review: ~22,500 prompt tokens plus the completion cap
+
+
+@pytest.mark.parametrize("share", [1.0, 1 / 2])
+async def test_a_long_review_within_the_share_goes_at_once(share: float) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=200_000, max_concurrency=4, clock=clock)
+    limiter.set_share(share)
+    assert limiter.fits(BIG)
+    async with asyncio.timeout(1), limiter.acquire(BIG):
+        assert clock.now() == 0.0
+
+
+async def test_a_review_over_a_twelfth_share_waits_for_a_window_of_its_own_and_never_raises() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=200_000, max_concurrency=4, clock=clock)
+    limiter.set_share(1 / 12)  # 16,666 tokens/min: the review is bigger than the whole share
+    assert limiter.tpm < BIG and limiter.fits(BIG)
+    async with limiter.acquire(1_000) as permit:  # something is already in the window
+        permit.reconcile(1_000)
+    admitted: list[tuple[str, float]] = []
+
+    async def one(name: str, tokens: int) -> None:
+        async with limiter.acquire(tokens):
+            admitted.append((name, clock.now()))
+
+    big = asyncio.create_task(one("big", BIG))
+    await eventually(lambda: clock.sleepers == 1)
+    small = asyncio.create_task(one("small", 100))
+    await eventually(lambda: limiter.waiting == 2)
+    assert admitted == []
+    limiter.pause_for(1.0)  # nothing is held while the head of the line sleeps: the pool's calls go through
+    limiter.set_share(1 / 12)
+    span = WINDOW_S + DEFAULT_MARGIN_S
+    while not admitted:
+        clock.advance(1.0)
+        await eventually(lambda: clock.sleepers >= 1 or bool(admitted))
+    assert admitted[0][0] == "big" and span <= admitted[0][1] <= span + 1  # once the window emptied: alone in it
+    while len(admitted) < 2:
+        clock.advance(1.0)
+        await eventually(lambda: clock.sleepers >= 1 or len(admitted) == 2)
+    await asyncio.gather(big, small)
+    assert admitted[1][0] == "small" and admitted[1][1] >= 2 * span  # the window was the big one's own
+
+
+async def test_cancelling_the_sleeping_head_of_the_line_lets_the_next_one_go() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=600, tpm=200_000, max_concurrency=4, clock=clock)
+    limiter.set_share(1 / 12)
+    async with limiter.acquire(16_000):
+        pass
+    big = asyncio.create_task(limiter.acquire(BIG).__aenter__())
+    await eventually(lambda: clock.sleepers == 1)
+    small_done = asyncio.Event()
+
+    async def small() -> None:
+        async with limiter.acquire(100):
+            small_done.set()
+
+    waiter = asyncio.create_task(small())
+    await eventually(lambda: limiter.waiting == 2)
+    big.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await big
+    clock.advance(WINDOW_S + DEFAULT_MARGIN_S)  # the 16,000 of the first request leave the window
+    async with asyncio.timeout(2):
+        await small_done.wait()
+    await waiter
+    assert limiter.waiting == 0
+
+
+def test_a_request_over_the_whole_tpm_can_never_fit() -> None:
+    limiter = RateLimiter(rpm=600, tpm=20_000, max_concurrency=4, clock=FakeClock())
+    assert not limiter.fits(BIG) and limiter.fits(20_000)
+
+
+def test_rolling_window_lets_an_oversized_amount_into_an_empty_window() -> None:
+    window = RollingWindow(10.0)
+    assert window.ready_at(0.0, 50, limit=8) == 0.0  # was an IndexError
+    window.add(0.0, 3)
+    assert window.ready_at(5.0, 50, limit=8) == 10.0
