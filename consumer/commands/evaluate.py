@@ -51,6 +51,11 @@ def _thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Thresholds to sweep (default: 0, 0.5..0.9 by 0.05, 0.91..0.99 by 0.01, 1).")  # fmt: skip
 @click.option("--cost-cap", type=click.FloatRange(min=0), metavar="RATIO",
               help="Also pick the best threshold costing at most RATIO of the LLM alone (0.3 = 30%).")  # fmt: skip
+@click.option("--max-error", type=click.FloatRange(0, 1, min_open=True), metavar="E",
+              help="Also find the risk-controlled threshold: the lowest tau whose upper confidence bound on the "
+                   "small path's error is at most E (router.max_error).")  # fmt: skip
+@click.option("--risk-confidence", type=click.FloatRange(0.5, 1, max_open=True), default=0.95, show_default=True,
+              help="Confidence of that bound (router.risk_confidence).")  # fmt: skip
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
               show_default=True, help="Log threshold (logs go to stderr).")  # fmt: skip
 def command(
@@ -64,6 +69,8 @@ def command(
     model_dir: Path | None,
     thresholds: tuple[float, ...],
     cost_cap: float | None,
+    max_error: float | None,
+    risk_confidence: float,
     log_level: str,
 ) -> None:
     """Compare the small model alone, the LLM alone, DS and DS+ on labelled reviews across thresholds.
@@ -85,7 +92,10 @@ def command(
     ev.check_price(settings.llm)
     source = {"replay": replay} if replay is not None else {"cache": cache}
     console = Console()
-    report = ev.evaluate(settings, data, out, thresholds=thresholds, cost_cap=cost_cap, source=source, bar=_bar)
+    risk = (max_error, risk_confidence) if max_error is not None else None
+    report = ev.evaluate(
+        settings, data, out, thresholds=thresholds, cost_cap=cost_cap, source=source, bar=_bar, risk=risk
+    )
     _print(console, report, out)
 
 
@@ -112,6 +122,8 @@ def _print(console: Console, report: Mapping[str, Any], out: Path) -> None:
         console.print(f"Set it ({pick['point']['name']}, {ev.GOALS[pick['goal']]}):")
         console.print(pick["toml"], markup=False, highlight=False)
         console.print(f"or  {pick['env']}", markup=False, highlight=False)
+    if "risk" in report:
+        _print_risk(console, report["risk"])
     answers = report["answers"]
     if answers["failed"]:
         retry = (
@@ -171,3 +183,16 @@ def _choices_table(report: Mapping[str, Any]) -> Table:
             table.add_row(choice["description"], point["name"], f"{point['threshold']:g}",
                           percent(point["accuracy"], 2), percent(point["cost_ratio"]))  # fmt: skip
     return table
+
+
+def _print_risk(console: Console, risk: Mapping[str, Any]) -> None:
+    level = f"{risk['max_error']:g} at {percent(risk['risk_confidence'], 0)} confidence"
+    if risk["threshold"] is None:
+        console.print(f"[yellow]Risk rule ({level}): no threshold certified; every review would go to the LLM.[/]")
+        return
+    console.print(
+        f"Risk rule ({level}): tau = {risk['threshold']:g}, upper bound on the small path's error "
+        f"{risk['upper_bound']:.4f} ({risk['errors']} wrong of {risk['kept']} kept), "
+        f"{percent(risk['share_to_llm'])} to the LLM"
+    )
+    console.print(risk["env"], markup=False, highlight=False)

@@ -20,7 +20,7 @@ from consumer.errors import ShuntError
 DATA_DIR_ENV = "SHUNT_DATA_DIR"
 AMAZON_TRAIN = "amazon-reviews-train.jsonl"
 DEFAULT_SPLIT_SEED = 20070625  # the ACL 2007 conference date; any fixed number would do
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # consumer/offline/datasets.py -> the repository
 
 
 class DatasetError(ShuntError):

@@ -12,6 +12,7 @@ import pytest
 
 from consumer.offline import datasets
 from consumer.offline.datasets import DatasetError
+from tests.support.paths import ROOT
 
 
 def make_rows(per_stratum: int = 50, domains: tuple[str, ...] = ("books", "dvd", "kitchen")) -> list[dict[str, Any]]:
@@ -104,3 +105,14 @@ def test_split_rejects_duplicate_ids_and_bad_share() -> None:
         datasets.split_amazon([*rows, rows[0]])
     with pytest.raises(ValueError, match="test_share"):
         datasets.split_amazon(rows, test_share=1.5)
+
+
+def test_the_default_data_dir_is_beside_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Moving datasets.py one folder deeper once pointed this inside the repository, silently.
+    monkeypatch.delenv("SHUNT_DATA_DIR", raising=False)
+    expected = ROOT.parent / "shared" / "data"
+    if expected.is_dir():
+        assert datasets.data_dir() == expected
+    else:
+        with pytest.raises(DatasetError, match=str(expected)):
+            datasets.data_dir()

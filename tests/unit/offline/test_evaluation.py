@@ -398,3 +398,19 @@ async def eval_process(url: str, data: Path, cache: Path, out: Path, model_dir: 
     assert process.returncode == 0, output.decode()
     report: dict[str, Any] = orjson.loads((out / "report.json").read_bytes())
     return report
+
+
+def test_eval_max_error_prints_the_certified_tau_and_sweeps_at_it(
+    tmp_path: Path, labelled: Path, model_dir: Path
+) -> None:
+    rows = [orjson.loads(line) for line in labelled.read_bytes().splitlines()]
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"id": r["id"], "label": r["label"]} for r in rows])
+    args = ["--data", str(labelled), "--replay", str(replay), "--model", str(model_dir)]
+    report = run_eval(*args, "--out", str(tmp_path / "loose"), "--max-error", "0.5")
+    risk = report["risk"]
+    assert risk["threshold"] is not None and risk["upper_bound"] <= 0.5 and risk["kept"] >= 5  # 0.5**5 < 0.05
+    assert risk["threshold"] in [row["threshold"] for row in report["sweep"]]  # evaluated at the certified tau
+    assert risk["ds_plus"] is not None and risk["share_to_llm"] == pytest.approx(1 - risk["kept"] / 12)
+    assert risk["env"] == f"SHUNT_ROUTER__THRESHOLD={risk['threshold']!r}"
+    strict = run_eval(*args, "--out", str(tmp_path / "strict"), "--max-error", "0.01")["risk"]
+    assert strict["threshold"] is None and strict["share_to_llm"] == 1.0  # 12 reviews can never certify 1%
