@@ -146,3 +146,51 @@ def breaker_effect(error: BaseException) -> BreakerEffect:
     opening it, ``healthy`` (the provider answered, badly) resets the count, ``neutral`` (throttled,
     rejected for this request, cancelled) says nothing, ``misconfigured`` (401/403) opens it at once."""
     return error.breaker if isinstance(error, LlmError) else "neutral"
+
+
+class ProduceAction(enum.Enum):
+    RETRY = "retry"  # transient: produce it again after a pause, for as long as it takes
+    DEAD_LETTER = "dead_letter"  # permanent for this one message: dead-letter it with the reason
+    FATAL = "fatal"  # permanent for the service: stop cleanly, exit ExitCode.FATAL
+
+
+# librdkafka error names (KafkaError.name()); the kernel stays free of client types, so codes are strings.
+_SERVICE_PERMANENT = frozenset(
+    {
+        "UNKNOWN_TOPIC_OR_PART",  # the topic (or partition) is not there: auto-creation is off, or it was deleted
+        "_UNKNOWN_TOPIC",
+        "_UNKNOWN_PARTITION",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+        "SASL_AUTHENTICATION_FAILED",
+        "_AUTHENTICATION",
+        "INVALID_TOPIC_EXCEPTION",
+        "INVALID_REQUIRED_ACKS",
+        "POLICY_VIOLATION",
+        "PRODUCER_FENCED",
+        "_FATAL",
+    }
+)
+_MESSAGE_PERMANENT = frozenset(
+    {
+        "MSG_SIZE_TOO_LARGE",  # also raised by produce() itself when the message exceeds message.max.bytes
+        "RECORD_LIST_TOO_LARGE",
+        "INVALID_RECORD",  # e.g. a null key on a compacted topic
+        "INVALID_TIMESTAMP",
+        "_KEY_SERIALIZATION",
+        "_VALUE_SERIALIZATION",
+        "_INVALID_ARG",  # the client refused this message's arguments
+    }
+)
+
+
+def on_produce_error(code: str, *, fatal: bool = False) -> ProduceAction:
+    """Decide, in one place, what a failed produce leads to. ``code`` is the librdkafka error name;
+    ``fatal`` is ``KafkaError.fatal()`` (the idempotent producer cannot go on). Anything not known to be
+    permanent (queue full, timeouts, leader moves, broker down, and codes this list does not know) is retried."""
+    if fatal or code in _SERVICE_PERMANENT:
+        return ProduceAction.FATAL
+    if code in _MESSAGE_PERMANENT:
+        return ProduceAction.DEAD_LETTER
+    return ProduceAction.RETRY

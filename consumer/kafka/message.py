@@ -1,28 +1,59 @@
-"""A fetched Kafka message as the rest of the service sees it: its :class:`~consumer.records.Origin`."""
+"""A fetched Kafka message as the rest of the service sees it: its :class:`~consumer.records.Origin`.
+
+Reading a message never raises. confluent-kafka decodes header keys as strict UTF-8 when ``headers()`` is
+first called; a key that is not UTF-8 makes that call fail (``UnicodeDecodeError``, or since 2.1x a
+``SystemError`` whose cause it is) after the client has already freed librdkafka's copy of the headers, and
+a second call returns a list holding a C NULL where the key should be, which must never be touched. So the
+headers are read exactly once; on failure the message gets a :class:`DamagedOrigin` carrying the raw bytes
+of the key that failed (the error's ``object``; librdkafka keys are C strings, so a key is cut at its first
+NUL byte), and everything else about its headers is unrecoverable from the Python client. The decoder turns
+a damaged origin into an ``invalid_header`` dead letter that keeps the value, the key and those bytes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
 from consumer.records import Origin
 
-__all__ = ["Message", "origin_of"]
+__all__ = ["DamagedOrigin", "Message", "origin_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class DamagedOrigin(Origin):
+    """An origin whose headers could not be read; ``headers`` is empty and ``problem`` says why."""
+
+    problem: str = ""
+    raw_header_key: bytes | None = None
 
 
 def origin_of(message: Message) -> Origin:
-    """Where ``message`` came from, with its key and headers as bytes."""
+    """Where ``message`` came from, with its key and headers as bytes. Never raises."""
     kind, stamp = message.timestamp()
     key = message.key()
-    return Origin(
-        topic=message.topic() or "",
-        partition=message.partition() or 0,
-        offset=message.offset() or 0,
-        key=key.encode() if isinstance(key, str) else key,
-        headers=_headers(message.headers()),
-        timestamp_ms=None if kind == TIMESTAMP_NOT_AVAILABLE else stamp,
-    )
+    fields: dict[str, Any] = {
+        "topic": message.topic() or "",
+        "partition": message.partition() or 0,
+        "offset": message.offset() or 0,
+        "key": key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key,
+        "timestamp_ms": None if kind == TIMESTAMP_NOT_AVAILABLE else stamp,
+    }
+    try:
+        raw = message.headers()
+    except (UnicodeDecodeError, SystemError) as exc:
+        problem, raw_key = _header_failure(exc)
+        return DamagedOrigin(**fields, problem=problem, raw_header_key=raw_key)
+    return Origin(**fields, headers=_headers(raw))
+
+
+def _header_failure(exc: BaseException) -> tuple[str, bytes | None]:
+    cause = exc if isinstance(exc, UnicodeDecodeError) else exc.__cause__
+    if isinstance(cause, UnicodeDecodeError) and isinstance(cause.object, bytes):
+        return f"a header key is not UTF-8 (byte {cause.start}: {cause.reason})", bytes(cause.object)
+    return f"the headers cannot be read: {type(exc).__name__}: {exc}", None
 
 
 def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:

@@ -8,6 +8,7 @@ import orjson
 
 from consumer import contracts
 from consumer.errors import BadInputError
+from consumer.kafka.message import DamagedOrigin
 from consumer.records import Origin, Review
 
 _KNOWN_FIELDS = frozenset({"id", "text", "schema_version"})
@@ -15,6 +16,8 @@ _KNOWN_FIELDS = frozenset({"id", "text", "schema_version"})
 
 def decode(value: bytes | None, origin: Origin, max_text_bytes: int) -> Review:
     """Turn raw bytes into a review. Raises :class:`BadInputError` with a DLQ reason code on bad input."""
+    if isinstance(origin, DamagedOrigin):
+        raise BadInputError("invalid_header", origin.problem)
     if value is None:
         raise BadInputError("null_value", "the message has no value (a tombstone)")
     if len(value) > max_text_bytes * 2 + 4096:

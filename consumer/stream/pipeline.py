@@ -115,6 +115,8 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, ``max_messages`` were read or the stream stays idle; then drain."""
+        self._sink.rescue_with(outputs.DeadLetters(self._s.topics.dlq, self._s.metrics.instance_id))
+        await self._sink.learn_limits([self._s.topics.output, self._s.topics.dlq, self._s.topics.distill])
         await self.source.start()
         self._partitions = await asyncio.get_running_loop().run_in_executor(
             None, self.source.partition_count, self._s.topics.input
