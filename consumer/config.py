@@ -17,10 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from consumer import pins
 from consumer.errors import ConfigError
+from consumer.logs import REDACTED, is_secret_key, remember_secrets
 
-ENV_PREFIX = "SHUNT_"
-ENV_DELIMITER = "__"
+ENV_PREFIX = pins.ENV_PREFIX
+ENV_DELIMITER = pins.ENV_DELIMITER
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 LibrdkafkaValue = str | int | float | bool
 
@@ -65,6 +67,14 @@ class TopicsConfig(Section):
     dlq: str = Field(default="reviews.dlq", description="messages that could not be labelled (dlq.v1)")
     metrics: str = Field(default="shunt.metrics", description="cost meter windows (metrics.v1)")
     distill: str = Field(default="reviews.distill", description="LLM answers kept as training labels (distill.v1)")
+    deferred: str = Field(default="reviews.deferred", description="reviews waiting for the batch lane (deferred.v1)")
+    create: bool = Field(
+        default=False, description="create a missing output topic at start instead of refusing to start"
+    )
+    create_partitions: int = Field(default=1, ge=1, le=10_000, description="partitions of a topic created at start")
+    create_replication: int = Field(
+        default=1, ge=1, le=32, description="replication factor of a topic created at start"
+    )
 
 
 class ModelConfig(Section):
@@ -72,8 +82,11 @@ class ModelConfig(Section):
     max_tokens: int = Field(default=256, ge=8, le=4096, description="reviews are truncated to this many tokens")
     batch_size: int = Field(default=256, ge=1, le=4096, description="micro-batch size for the small model")
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest wait to fill a micro-batch")
-    intra_op_threads: int = Field(default=0, ge=0, le=256, description="0 lets ONNX Runtime choose")
+    intra_op_threads: int = Field(
+        default=1, ge=0, le=256, description="ONNX Runtime threads per scoring worker; 0 lets it choose"
+    )
     inter_op_threads: int = Field(default=1, ge=0, le=256, description="ONNX Runtime inter-op threads")
+    workers: int = Field(default=2, ge=1, le=64, description="scoring threads, each on its own copy of the model")
     watch_interval_s: float = Field(default=5.0, ge=0, description="how often to look for a new model; 0: never")
 
 
@@ -137,6 +150,9 @@ class LlmConfig(Section):
     prices: dict[str, PriceConfig] = Field(
         default_factory=_default_prices, description="USD per million input/output tokens, by model"
     )
+    lane: Literal["online", "batch", "overflow"] = Field(
+        default="online", description="online: the worker pool; batch: the Batch API; overflow: batch when backlogged"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -159,6 +175,23 @@ class LlmConfig(Section):
         return _secret(self.api_key, self.api_key_file)
 
 
+class BatchConfig(Section):
+    """The batch lane (``llm.lane`` = batch or overflow): reviews wait in ``topics.deferred`` for the Batch API."""
+
+    max_requests: int = Field(default=1_000, ge=1, le=50_000, description="requests in one batch at most")
+    max_wait_s: float = Field(default=60.0, gt=0, description="longest a deferred review waits for its batch to go")
+    poll_interval_s: float = Field(default=30.0, gt=0, description="how often a submitted batch is polled")
+    price_factor: float = Field(default=0.5, ge=0, le=1, description="batch price as a share of the online price")
+    on_item_failure: Literal["online", "fallback"] = Field(
+        default="online", description="expired or failed batch items: ask the online pool, or take the fallback"
+    )
+    group_id: str | None = Field(default=None, description="batch stage consumer group; none: <kafka.group_id>.batch")
+    in_service: bool = Field(default=True, description="run the batch stage inside shunt run (false: run shunt batch)")
+
+    def group(self, kafka_group: str) -> str:
+        return self.group_id or f"{kafka_group}.batch"
+
+
 class MetricsConfig(Section):
     interval_s: float = Field(default=10.0, gt=0, description="one metrics message per window of this length")
     instance_id: str = Field(
@@ -176,6 +209,9 @@ class ServiceConfig(Section):
     max_messages: int | None = Field(default=None, ge=1, description="stop after this many input messages")
     idle_timeout_s: float | None = Field(default=None, gt=0, description="stop when nothing arrives this long")
     drain_timeout_s: float = Field(default=20.0, gt=0, description="time to finish in-flight work on stop or revoke")
+    batch_drain_timeout_s: float | None = Field(
+        default=None, gt=0, description="after max_messages/idle_timeout, wait this long for in-flight work; none: all"
+    )
     max_text_bytes: int = Field(default=100_000, gt=0, description="longer review text goes to the DLQ")
     max_in_flight: int = Field(default=20_000, gt=0, description="messages read but not yet done, all paths")
     max_in_flight_bytes: int = Field(
@@ -204,6 +240,7 @@ class Settings(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     llm: LlmConfig = Field(default_factory=LlmConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
@@ -252,7 +289,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     env = ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in error["loc"][:2])
     if error["type"] == "extra_forbidden":
         return f"invalid configuration: unknown key {key!r}"
-    shown = "<redacted>" if any(s in key for s in ("api_key", "password")) else repr(error.get("input"))
+    shown = "<redacted>" if is_secret_key(key) else repr(error.get("input"))
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"invalid configuration: {key} (env {env}) = {shown}: {message}"
 
@@ -280,6 +317,7 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Read the configuration once. ``overrides`` (from CLI flags) win over the file and the environment."""
     values = read_toml(path) if path is not None else {}
+    pins.check_environment(os.environ, set(Settings.model_fields))
     try:
         settings = Settings(**values)
         if overrides:
@@ -289,6 +327,8 @@ def load_settings(path: Path | None = None, overrides: Mapping[str, Any] | None 
         raise ConfigError("; ".join(_describe(err) for err in exc.errors())) from None
     settings.llm.resolved_api_key()
     _secret(settings.kafka.sasl_password, settings.kafka.sasl_password_file)
+    remember_secrets(secret_values(settings))  # every log redactor of the process masks them from now on
+    pins.check_pins(settings.kafka)
     return settings
 
 
@@ -318,14 +358,31 @@ def librdkafka_config(kafka: KafkaConfig, role: Literal["consumer", "producer", 
     return conf
 
 
+_PASS_THROUGH = ("common", "consumer", "producer")
+
+
 def redacted_dump(settings: Settings) -> dict[str, Any]:
-    """The effective configuration as plain data with every secret shown as ``**********``."""
+    """The effective configuration as plain data with every secret shown as ``**********``: our own
+    (``llm.api_key``, ``kafka.sasl_password``) and every librdkafka setting whose name holds a secret
+    (:func:`consumer.logs.is_secret_key`: ``ssl.key.pem``, ``sasl.oauthbearer.config``, ``*passphrase*``...)."""
     data: dict[str, Any] = settings.model_dump(mode="json")
     for section, key in (("llm", "api_key"), ("kafka", "sasl_password")):
         if data[section][key] is not None:
-            data[section][key] = "**********"
-    for section in ("common", "consumer", "producer"):
+            data[section][key] = REDACTED
+    for section in _PASS_THROUGH:
         for key in data["kafka"][section]:
-            if "password" in key or "secret" in key:
-                data["kafka"][section][key] = "**********"
+            if is_secret_key(key):
+                data["kafka"][section][key] = REDACTED
     return data
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret value the configuration holds, however supplied (inline, secret file, environment,
+    TOML, a librdkafka setting passed through), for the log redactor."""
+    found = [_secret(settings.llm.api_key, settings.llm.api_key_file)]
+    found.append(_secret(settings.kafka.sasl_password, settings.kafka.sasl_password_file))
+    values = [s.get_secret_value() for s in found if s is not None]
+    for section in _PASS_THROUGH:
+        conf: dict[str, LibrdkafkaValue] = getattr(settings.kafka, section)
+        values += [str(value) for key, value in conf.items() if is_secret_key(key) and value != ""]
+    return values

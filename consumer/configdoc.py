@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from consumer.config import ENV_DELIMITER, ENV_PREFIX, Settings
+from consumer.pins import NON_SETTINGS_ENV, PINS
 
 HEADER = """# Configuration reference
 
@@ -58,4 +59,22 @@ def render() -> str:
             about = (info.description or "").replace("|", "\\|")
             lines.append(f"| `{section}.{key}` | `{env}` | {_type(info)} | {_default(info)} | {about} |")
     lines.append("\nDefault `llm.prices` (USD per million tokens): see `_default_prices` in `consumer/config.py`.\n")
+    lines += _pinned()
     return "\n".join(lines)
+
+
+def _pinned() -> list[str]:
+    """The librdkafka keys the pass-through dicts may not change (``consumer/pins.py``)."""
+    lines = [
+        "## Pinned librdkafka settings\n",
+        "`kafka.common`, `kafka.consumer` and `kafka.producer` may set any librdkafka key except these, whose",
+        "values the delivery guarantees rest on; another value is refused at start (exit 2, one line naming the",
+        "key). A `SHUNT_` environment variable that names no section above is refused the same way",
+        f"({', '.join(f'`{name}`' for name in sorted(NON_SETTINGS_ENV))} are not settings and are allowed).\n",
+        "| client | key (aliases) | allowed | why |",
+        "|---|---|---|---|",
+    ]
+    for pin in PINS:
+        keys = " / ".join(f"`{key}`" for key in pin.keys)
+        lines.append(f"| {pin.role} | {keys} | `{pin.required}` | {pin.why} |")
+    return [*lines, ""]

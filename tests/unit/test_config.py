@@ -120,3 +120,53 @@ def test_configuration_reference_matches_the_code() -> None:
 
     path = ROOT / "docs" / "configuration.md"
     assert path.read_text(encoding="utf-8") == render(), "regenerate: shunt config docs --write docs/configuration.md"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("CONSUMER", "enable.auto.offset.store", "true"),
+        ("CONSUMER", "enable.auto.commit", "false"),
+        ("COMMON", "isolation.level", '"read_uncommitted"'),
+        ("CONSUMER", "auto.offset.reset", '"latest"'),
+        ("PRODUCER", "enable.idempotence", "false"),
+        ("COMMON", "enable.idempotence", '"false"'),
+        ("PRODUCER", "acks", "1"),
+        ("PRODUCER", "request.required.acks", "0"),
+        ("PRODUCER", "max.in.flight.requests.per.connection", "6"),
+        ("PRODUCER", "max.in.flight", "100"),
+        ("PRODUCER", "retries", "0"),
+        ("PRODUCER", "delivery.report.only.error", "true"),
+        ("PRODUCER", "transactional.id", '"shunt-tx"'),
+    ],
+)
+def test_a_pinned_librdkafka_override_is_refused_naming_the_key(section: str, key: str, value: str) -> None:
+    result = run_shunt("run", **{f"SHUNT_KAFKA__{section}": f'{{"{key}": {value}}}'})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert repr(key) in lines[0] and f"kafka.{section.lower()}" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_overrides_that_keep_the_guarantees_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHUNT_KAFKA__PRODUCER", '{"acks": -1, "max.in.flight": 5, "enable.idempotence": "true"}')
+    monkeypatch.setenv("SHUNT_KAFKA__CONSUMER", '{"enable.auto.commit": true, "auto.offset.reset": "smallest"}')
+    settings = load_settings()
+    assert librdkafka_config(settings.kafka, "producer")["max.in.flight"] == 5
+
+
+def test_a_shunt_variable_naming_no_section_is_refused() -> None:
+    result = run_shunt("config", "show", SHUNT_ROUTERR__THRESHOLD="0.5")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SHUNT_ROUTERR__THRESHOLD" in lines[0], result.stderr
+    assert run_shunt("config", "show", SHUNT_THRESHOLD="0.5").returncode == 2
+
+
+def test_shunt_variables_that_are_not_settings_still_work(tmp_path: Path) -> None:
+    config = tmp_path / "shunt.toml"
+    config.write_text("[router]\nthreshold = 0.42\n")
+    result = run_shunt("config", "show", SHUNT_CONFIG=str(config), SHUNT_VENV="/x", SHUNT_DATA_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert '"threshold": 0.42' in result.stdout
