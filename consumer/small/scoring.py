@@ -1,16 +1,17 @@
 """The small model: a scorer protocol, the ONNX Runtime + ``tokenizers`` implementation, and the async stage.
 
 A model folder follows the HF/optimum export layout (model.onnx, tokenizer.json, config.json with
-id2label; optional calibration.json with a temperature), so a user's own exported classifier drops in.
-Inference runs on one bounded worker thread so the event loop never waits on it.
+id2label; optional calibration.json with a temperature), so a user's own exported classifier drops in
+(loading and its checks: :mod:`consumer.small.loading`). Inference runs on a few bounded worker threads,
+each on its own copy of the model, so the event loop never waits on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
-import math
+import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,29 +21,31 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-import orjson
 import structlog
 from tokenizers import Tokenizer
 
 from consumer.errors import ModelLoadError
 from consumer.records import Prediction, Review, Scored
+from consumer.small import loading
 from consumer.small.calibration import softmax
+from consumer.small.loading import FEEDABLE_INPUTS, REQUIRED_FILES, GraphInputs
+
+__all__ = ["CHARS_PER_TOKEN_CAP", "FEEDABLE_INPUTS", "REQUIRED_FILES", "OnnxScorer", "Scorer", "ScoringStage"]
 
 log = structlog.get_logger(__name__)
 
-REQUIRED_FILES = ("model.onnx", "tokenizer.json", "config.json")
-FEEDABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_INT_TYPES: dict[str, type[np.signedinteger[Any]]] = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 # Texts are cut at this many characters per allowed token before tokenising. A token covers at least one
 # character unless the text is mostly whitespace or characters the normaliser drops, so real text keeps the
 # same first max_tokens tokens. The cut keeps a 1 MB review at ~3 ms instead of ~0.5 s of tokenisation.
 CHARS_PER_TOKEN_CAP = 32
-_PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>")
 
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Anything that turns texts into calibrated predictions; tests inject their own."""
+    """Anything that turns texts into calibrated predictions; tests inject their own.
+
+    A scorer may also offer ``replica() -> Scorer`` (an independent copy for another thread); without it
+    the stage never calls ``predict`` from two threads at once."""
 
     version: str
     labels: tuple[str, ...]
@@ -53,11 +56,13 @@ class Scorer(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class _GraphInputs:
-    """Which of the three feedable inputs the graph declares, and their integer types."""
+class _Source:
+    """Where a scorer was loaded from and how, so a replica opens the same graph the same way."""
 
-    dtypes: dict[str, type[np.signedinteger[Any]]]
-    output: str
+    folder: Path
+    stamp: tuple[int, int]
+    intra_op_threads: int
+    inter_op_threads: int
 
 
 class OnnxScorer:
@@ -71,9 +76,10 @@ class OnnxScorer:
         *,
         version: str,
         temperature: float,
-        inputs: _GraphInputs,
+        inputs: GraphInputs,
         max_tokens: int,
         pad_id: int,
+        source: _Source | None = None,
     ) -> None:
         self.version = version
         self.labels = labels
@@ -85,6 +91,7 @@ class OnnxScorer:
         self._inputs = inputs
         self._pad_id = pad_id
         self._max_chars = max_tokens * CHARS_PER_TOKEN_CAP
+        self._source = source
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -97,26 +104,48 @@ class OnnxScorer:
     ) -> OnnxScorer:
         """Load and check a model folder; every problem is a :class:`ModelLoadError` naming the folder."""
         path = Path(path)
-        _check_files(path)
-        config = _read_json(path, "config.json")
-        labels = _labels(path, config)
-        tokenizer, pad_id = _tokenizer(path)
-        session = _session(path, intra_op_threads, inter_op_threads)
-        inputs = _graph_inputs(path, session)
-        max_tokens = _token_limit(max_tokens, config)
+        loading.check_files(path)
+        folder, stamp = path.resolve(), loading.stamp(path)
+        config = loading.read_json(path, "config.json")
+        labels = loading.read_labels(path, config)
+        tokenizer, pad_id = loading.load_tokenizer(path)
+        session = loading.open_session(path, intra_op_threads, inter_op_threads)
         scorer = cls(
             session,
             tokenizer,
             labels,
-            version=_version(path, config),
-            temperature=_temperature(path),
-            inputs=inputs,
-            max_tokens=max_tokens,
+            version=loading.model_version(path, config),
+            temperature=loading.read_temperature(path),
+            inputs=loading.read_graph_inputs(path, session),
+            max_tokens=loading.token_limit(max_tokens, config),
             pad_id=pad_id,
+            source=_Source(folder, stamp, intra_op_threads, inter_op_threads),
         )
         scorer._check_output_width(path)
         log.info("scoring.model_loaded", path=str(path), version=scorer.version, labels=list(labels))
         return scorer
+
+    def replica(self) -> OnnxScorer:
+        """The same model with its own ONNX session and tokenizer, for another scoring thread.
+
+        This scorer is thread-safe too (ONNX Runtime sessions and tokenizers are); a replica only keeps two
+        threads from sharing one session's arena. If the folder's model.onnx changed since the load, this
+        scorer itself: a replica must score exactly like it."""
+        source = self._source
+        if source is None or loading.stamp(source.folder) != source.stamp:
+            return self
+        session = loading.open_session(source.folder, source.intra_op_threads, source.inter_op_threads)
+        return OnnxScorer(
+            session,
+            Tokenizer.from_str(self._tokenizer.to_str()),
+            self.labels,
+            version=self.version,
+            temperature=self.temperature,
+            inputs=self._inputs,
+            max_tokens=self.max_tokens,
+            pad_id=self._pad_id,
+            source=source,
+        )
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         """Tokenise, pad to the longest text of the batch, run the graph, softmax(logits / T)."""
@@ -124,11 +153,11 @@ class OnnxScorer:
             return []
         probs = self.probabilities(texts)
         labels, version = self.labels, self.version
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(Prediction(labels[best], row[best], dict(zip(labels, row, strict=True)), version))
-        return out
+        best = probs.argmax(axis=1).tolist()  # the first of equal maxima, as max() would pick
+        return [
+            Prediction(labels[i], row[i], dict(zip(labels, row, strict=True)), version)
+            for row, i in zip(probs.tolist(), best, strict=True)
+        ]
 
     def probabilities(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
         """The calibrated probability matrix (texts x labels), for callers that want arrays."""
@@ -180,140 +209,45 @@ class OnnxScorer:
             )
 
 
-def _check_files(path: Path) -> None:
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder {path} does not exist or is not a folder")
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if missing:
-        raise ModelLoadError(f"model folder {path} is missing {', '.join(missing)} (needs {', '.join(REQUIRED_FILES)})")
-
-
-def _read_json(path: Path, name: str) -> dict[str, Any]:
-    try:
-        data = orjson.loads((path / name).read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise ModelLoadError(f"model folder {path}: cannot read {name}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"model folder {path}: {name} must hold a JSON object")
-    return data
-
-
-def _labels(path: Path, config: dict[str, Any]) -> tuple[str, ...]:
-    id2label = config.get("id2label")
-    if not isinstance(id2label, dict) or len(id2label) < 2:
-        raise ModelLoadError(f"model folder {path}: config.json needs an id2label object with at least 2 labels")
-    try:
-        by_index = {int(key): str(value) for key, value in id2label.items()}
-    except ValueError:
-        raise ModelLoadError(f"model folder {path}: config.json id2label keys must be integers") from None
-    if sorted(by_index) != list(range(len(by_index))):
-        raise ModelLoadError(f"model folder {path}: config.json id2label keys must be 0..{len(by_index) - 1}")
-    labels = tuple(by_index[i] for i in range(len(by_index)))
-    if len(set(labels)) != len(labels):
-        raise ModelLoadError(f"model folder {path}: config.json id2label repeats a label: {list(labels)}")
-    return labels
-
-
-def _tokenizer(path: Path) -> tuple[Tokenizer, int]:
-    """The tokenizer, with its own padding turned off (we pad to each batch's longest), and its pad id."""
-    try:
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
-        raise ModelLoadError(f"model folder {path}: unreadable tokenizer.json: {exc}") from None
-    pad_id = _pad_id(tokenizer)
-    tokenizer.no_padding()
-    return tokenizer, pad_id
-
-
-def _session(path: Path, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = inter_op_threads
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning intra-op threads steal the cores the tokenizer needs between runs (measured: ~10% end to end).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ModelLoadError(f"model folder {path}: model.onnx is not a loadable ONNX graph: {exc}") from None
-
-
-def _graph_inputs(path: Path, session: ort.InferenceSession) -> _GraphInputs:
-    declared = {node.name: node.type for node in session.get_inputs()}
-    unexpected = sorted(set(declared) - set(FEEDABLE_INPUTS))
-    if unexpected or "input_ids" not in declared:
-        raise ModelLoadError(
-            f"model folder {path}: the graph declares inputs {sorted(declared)}; this scorer can feed only "
-            f"{list(FEEDABLE_INPUTS)} and needs input_ids (cannot feed: {unexpected or ['-']})"
-        )
-    bad_types = {name: kind for name, kind in declared.items() if kind not in _INT_TYPES}
-    if bad_types:
-        raise ModelLoadError(f"model folder {path}: graph inputs must be int64 or int32, got {bad_types}")
-    outputs = [node.name for node in session.get_outputs()]
-    output = "logits" if "logits" in outputs else outputs[0]
-    if len(outputs) > 1 and "logits" not in outputs:
-        raise ModelLoadError(f"model folder {path}: the graph has outputs {outputs} and none is named 'logits'")
-    return _GraphInputs({name: _INT_TYPES[declared[name]] for name in FEEDABLE_INPUTS if name in declared}, output)
-
-
-def _token_limit(max_tokens: int, config: dict[str, Any]) -> int:
-    """The caller's limit, but never past the model's position embeddings (a transformer would fail)."""
-    positions = config.get("max_position_embeddings")
-    if isinstance(positions, int) and positions > 0:
-        return min(max_tokens, positions)
-    return max_tokens
-
-
-def _temperature(path: Path) -> float:
-    if not (path / "calibration.json").is_file():
-        return 1.0
-    value = _read_json(path, "calibration.json").get("temperature")
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ModelLoadError(f"model folder {path}: calibration.json temperature must be a positive number")
-    return float(value)
-
-
-def _version(path: Path, config: dict[str, Any]) -> str:
-    version = config.get("shunt_version")
-    if isinstance(version, str) and version:
-        return version
-    digest = hashlib.sha256()
-    with (path / "model.onnx").open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"onnx-{digest.hexdigest()[:12]}"
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    """The tokenizer's pad id (masked out anyway; transformers still expect the real one)."""
-    padding = tokenizer.padding
-    if padding is not None and isinstance(padding.get("pad_id"), int):
-        return int(padding["pad_id"])
-    for token in _PAD_TOKENS:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return token_id
-    return 0
-
-
 class ScoringStage:
-    """The pipeline's scoring hop: predictions off the event loop, on one worker, a bounded backlog."""
+    """The pipeline's scoring hop: predictions off the event loop on ``workers`` threads, a bounded backlog.
 
-    def __init__(self, scorer: Scorer, *, max_pending: int = 2) -> None:
+    With more than one worker, each thread scores on its own replica of the model (``scorer.replica()``:
+    its own ONNX session and tokenizer) and tokenises on its own thread (``TOKENIZERS_PARALLELISM=false``):
+    measured, two single-threaded workers beat one worker whose tokenizer and ONNX Runtime spread one batch
+    over both cores (BENCHMARKS.md, P2). Batches come back in the order the caller awaits them."""
+
+    def __init__(self, scorer: Scorer, *, workers: int = 1, max_pending: int | None = None) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         self._scorer = scorer
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shunt-scoring")
-        # The executor's own queue is unbounded; this keeps at most `max_pending` batches queued or running.
-        self._slots = asyncio.Semaphore(max_pending)
+        self._workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shunt-scoring")
+        # The executor's own queue is unbounded; this keeps at most `max_pending` batches queued or running:
+        # by default every worker busy and one batch waiting, so no worker idles between batches.
+        self._slots = asyncio.Semaphore(max_pending or workers + 1)
+        self._own = threading.local()  # per worker thread: (the model it was given, the replica it scores on)
+        self._unclaimed: Scorer | None = scorer  # the first thread to score a model uses it as it is
+        self._claim = threading.Lock()
+        self._serial = threading.Lock()  # for a scorer without replica(): one thread at a time, as promised
         self._closed = False
+        if workers > 1:
+            # Each worker tokenises on its own thread; the rayon pool would split every batch over both
+            # cores and make the two workers wait on each other. An explicit setting is respected.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     @property
     def scorer(self) -> Scorer:
         """The model that scores the next batch."""
         return self._scorer
 
+    @property
+    def workers(self) -> int:
+        """How many batches can be scored at once."""
+        return self._workers
+
     async def score(self, reviews: Sequence[Review]) -> list[Scored]:
-        """Score a batch on the worker thread; the whole batch uses one model, even across a swap."""
+        """Score a batch on a worker thread; the whole batch uses one model, even across a swap."""
         if self._closed:
             raise RuntimeError("ScoringStage is closed")
         if not reviews:
@@ -322,8 +256,27 @@ class ScoringStage:
         texts = [review.text for review in reviews]
         async with self._slots:
             loop = asyncio.get_running_loop()
-            predictions = await loop.run_in_executor(self._executor, scorer.predict, texts)
-        return [Scored(review, prediction) for review, prediction in zip(reviews, predictions, strict=True)]
+            predictions = await loop.run_in_executor(self._executor, self._predict, scorer, texts)
+        return list(map(Scored, reviews, predictions))
+
+    def _predict(self, scorer: Scorer, texts: list[str]) -> list[Prediction]:
+        """On a worker thread: score on this thread's replica of ``scorer``."""
+        if self._workers > 1 and not callable(getattr(scorer, "replica", None)):
+            with self._serial:
+                return scorer.predict(texts)
+        return self._replica(scorer).predict(texts)
+
+    def _replica(self, scorer: Scorer) -> Scorer:
+        own: tuple[Scorer, Scorer] | None = getattr(self._own, "pair", None)
+        if own is not None and own[0] is scorer:
+            return own[1]
+        with self._claim:
+            first = self._unclaimed is scorer
+            if first:
+                self._unclaimed = None
+        replica = scorer if first else _replicate(scorer)
+        self._own.pair = (scorer, replica)
+        return replica
 
     def swap(self, scorer: Scorer) -> Scorer:
         """Serve ``scorer`` from the next batch on and return the old one. Labels must not change:
@@ -333,12 +286,28 @@ class ScoringStage:
                 f"new model {scorer.version} has labels {list(scorer.labels)}; "
                 f"the running model has {list(self._scorer.labels)}"
             )
-        old, self._scorer = self._scorer, scorer
+        with self._claim:
+            old, self._scorer, self._unclaimed = self._scorer, scorer, scorer
         log.info("scoring.model_swapped", old_version=old.version, new_version=scorer.version)
         return old
 
     def close(self) -> None:
-        """Finish the batch in progress and stop the worker. Safe to call twice."""
+        """Finish the batches in progress and stop the workers. Safe to call twice."""
         if not self._closed:
             self._closed = True
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _replicate(scorer: Scorer) -> Scorer:
+    """``scorer.replica()``, or the scorer itself when it has none or making one fails (a replica only saves
+    sharing; an OnnxScorer is thread-safe)."""
+    make = getattr(scorer, "replica", None)
+    if not callable(make):
+        return scorer
+    try:
+        replica: Scorer = make()
+    except Exception as exc:  # onnxruntime and tokenizers raise untyped errors; sharing still scores right
+        log.warning("scoring.replica_failed", version=scorer.version, reason=str(exc))
+        return scorer
+    log.info("scoring.replica_ready", version=replica.version, thread=threading.current_thread().name)
+    return replica
