@@ -50,9 +50,13 @@ def origin_of(message: Message) -> Origin:
 
 
 def _header_failure(exc: BaseException) -> tuple[str, bytes | None]:
-    cause = exc if isinstance(exc, UnicodeDecodeError) else exc.__cause__
-    if isinstance(cause, UnicodeDecodeError) and isinstance(cause.object, bytes):
-        return f"a header key is not UTF-8 (byte {cause.start}: {cause.reason})", bytes(cause.object)
+    cause: BaseException | None = exc
+    for _ in range(8):  # with several bad keys the decode error sits a few SystemErrors down the chain
+        if cause is None:
+            break
+        if isinstance(cause, UnicodeDecodeError) and isinstance(cause.object, bytes):
+            return f"a header key is not UTF-8 (byte {cause.start}: {cause.reason})", bytes(cause.object)
+        cause = cause.__cause__ or cause.__context__
     return f"the headers cannot be read: {type(exc).__name__}: {exc}", None
 
 
