@@ -6,8 +6,10 @@ Angelopoulos et al., 2021): the candidate taus are fixed in advance and tested f
 fewest, surest reviews) down, each at the full level alpha, stopping at the first tau that fails. Because
 the order is fixed before looking at the labels and the search stops at the first failure, the chance that
 the chosen tau's true error exceeds ``max_error`` is at most alpha, with no Bonferroni penalty. The top of
-the grid holds too few reviews for any test to pass; the sequence starts at the first tau that keeps
-:func:`min_support` reviews, a choice made from the confidences alone, so the labels stay untouched by it.
+the grid holds too few reviews for a test to have any power (one confident mistake among 99 reviews fails a
+3% bound and would end the search at once); the sequence starts at the first tau that keeps
+:func:`min_support` reviews — enough for one mistake to pass — a choice made from the counts alone, so the
+labels play no part in it and the guarantee holds.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def risk_threshold(
             errors += not pairs[kept][1]
             kept += 1
         if kept < floor:
-            continue  # no test yet: too few reviews for even zero errors to pass (decided by counts, not labels)
+            continue  # no test yet: too few reviews for one mistake to pass (decided by counts, not labels)
         bound = clopper_pearson_upper(errors, kept, alpha)
         if bound > max_error:
             break
@@ -125,10 +127,21 @@ def risk_threshold(
     return chosen
 
 
-def min_support(max_error: float, alpha: float) -> int:
-    """The fewest reviews for which zero errors gives an upper bound within ``max_error``: (1 - e)^n <= alpha."""
+def min_support(max_error: float, alpha: float, errors: int = 1) -> int:
+    """The fewest reviews for which ``errors`` mistakes still give an upper bound within ``max_error``.
+
+    The search starts testing there: above it a single confident mistake would end the sequence at once,
+    though a lower tau (more reviews) could be certified. The count depends on nothing but the grid
+    position's number of reviews, never on the labels."""
     if max_error <= 0.0:
         return 1 << 62
-    if max_error >= 1.0:
-        return 1
-    return math.ceil(math.log(alpha) / math.log1p(-max_error))
+    low, high = errors + 1, 1 << 24
+    if clopper_pearson_upper(errors, high, alpha) > max_error:
+        return high
+    while low < high:
+        mid = (low + high) // 2
+        if clopper_pearson_upper(errors, mid, alpha) <= max_error:
+            high = mid
+        else:
+            low = mid + 1
+    return low

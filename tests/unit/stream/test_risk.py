@@ -36,7 +36,8 @@ def test_known_values_and_edges() -> None:
     assert clopper_pearson_lower(0, 7, 0.05) == 0.0
     interval = clopper_pearson(50, 100, 0.95)
     assert interval.low < 0.5 < interval.high and interval.estimate == 0.5
-    assert min_support(0.03, 0.05) == 99  # 0.97 ** 99 < 0.05 < 0.97 ** 98
+    assert min_support(0.03, 0.05) == 157  # the fewest reviews with which one mistake still passes a 3% bound
+    assert min_support(0.03, 0.05, errors=0) == 99  # 0.97 ** 99 < 0.05 < 0.97 ** 98
 
 
 def test_the_grid_is_fixed_and_walks_down_from_one() -> None:
