@@ -5,7 +5,7 @@ It behaves like a real provider: latency, its own requests/minute and tokens/min
 errors, timeouts (a request held longer than the client waits), malformed bodies, answers outside the
 offered labels, and token usage in every answer. Faults can be changed while it runs (``POST /control``),
 e.g. a 429 storm: ``{"storm": {"requests": 3, "retry_after_s": 2}}``. ``GET /stats``: see
-:mod:`consumer.sandbox.standin.stats`.
+:mod:`consumer.sandbox.standin.stats`. The Batch API (files and batches): :mod:`consumer.sandbox.standin.batches`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from aiohttp import web
 
 from consumer.llm.prompting import count_prompt_tokens, count_tokens
 from consumer.sandbox.standin import wire
+from consumer.sandbox.standin.batches import BatchDesk
 from consumer.sandbox.standin.config import RATES, StandinConfig, apply_control
 from consumer.sandbox.standin.limits import Limits, Storm
 from consumer.sandbox.standin.policies import Policy, make_policy
@@ -45,6 +46,9 @@ class StandinApp:
         self._limits = Limits()
         self._storm = Storm()
         self._stats = Stats(config.keep_bodies)
+        self._desk = BatchDesk(
+            lambda: self._stats.counters, self.answer_body, lambda: self.faults, config.seed, self._authorised
+        )
         self.closing = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -56,12 +60,13 @@ class StandinApp:
         return self._stats.counters
 
     def web_app(self) -> web.Application:
-        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # batch input files are large
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.stats_handler)
         app.router.add_post("/control", self.control_handler)
+        self._desk.routes(app)
         return app
 
     def stats(self) -> dict[str, Any]:
@@ -79,6 +84,7 @@ class StandinApp:
         storm = changes.pop("storm", None)
         if changes.pop("reset_stats", False):
             self._stats.reset()
+            self._desk.reset()
         self.faults = apply_control(self.faults, changes)
         if storm is not None:
             if not isinstance(storm, dict):
@@ -201,13 +207,29 @@ class StandinApp:
             return allowed[0]
         return label
 
-    def _completion(self, body: Mapping[str, Any], label: str) -> web.Response:
+    def answer_body(self, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A batch request's answer, as the chat endpoint would give it (no latency, limits or faults; the
+        batch faults are the batch desk's). Counted in the batch counters, not the chat ones."""
+        messages = body.get("messages")
+        text, allowed = wire.question(body) if isinstance(messages, list) else ("", ())
+        if not allowed:
+            return 400, {"error": {"message": "cannot tell which labels are allowed", "type": "invalid_request_error"}}
+        label = self._choose(text, None, allowed, out_of_set=False)
+        content, usage = self._content(body, label)
+        return 200, wire.chat_body(self.config.model, content, usage)
+
+    @staticmethod
+    def _content(body: Mapping[str, Any], label: str) -> tuple[str, dict[str, int]]:
         content = orjson.dumps({"label": label}).decode()
         usage = {
             "prompt_tokens": count_prompt_tokens(body["messages"]),
             "completion_tokens": count_tokens(content),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return content, usage
+
+    def _completion(self, body: Mapping[str, Any], label: str) -> web.Response:
+        content, usage = self._content(body, label)
         self.counters["answered"] += 1
         self.counters["prompt_tokens"] += usage["prompt_tokens"]
         self.counters["completion_tokens"] += usage["completion_tokens"]

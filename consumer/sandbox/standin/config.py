@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 PolicyName = Literal["replay", "oracle", "first"]
 RATES = ("error_rate", "timeout_rate", "malformed_rate", "out_of_set_rate")
+BATCH_RATES = ("batch_failure_rate", "batch_item_failure_rate", "batch_expire_rate")
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,17 @@ class Faults:
     hang_s: float = 30.0
     rpm: int | None = None
     tpm: int | None = None
+    batch_turnaround_s: float = 1.0
+    batch_failure_rate: float = 0.0
+    batch_item_failure_rate: float = 0.0
+    batch_expire_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in BATCH_RATES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")
+        if self.batch_turnaround_s < 0:
+            raise ValueError("batch_turnaround_s must be >= 0")
         for name in RATES:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)!r}")

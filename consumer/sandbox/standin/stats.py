@@ -3,7 +3,10 @@
 The counters: requests, answered, rate_limited_sent, errors_injected, timeouts_injected, malformed_sent,
 out_of_set_sent, unmatched, auth_failures, bad_requests, prompt_tokens, completion_tokens,
 max_requests_in_any_60s_window, early_requests (requests that arrived while a Retry-After it had sent was
-still in force). ``recent_requests`` holds the last request bodies it received.
+still in force); and the batch lane's (:data:`~consumer.sandbox.standin.batches.BATCH_COUNTERS`): files
+uploaded, batches created and how they ended, the requests in them, duplicates (a request already seen in an
+earlier batch), items failed or expired, and the tokens of batch answers (apart from the chat counters).
+``recent_requests`` holds the last request bodies it received.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import math
 from collections import deque
 from typing import Any
 
+from consumer.sandbox.standin.batches import BATCH_COUNTERS
 from consumer.sandbox.standin.limits import WINDOW_S
 
 COUNTERS = (
     "requests", "answered", "rate_limited_sent", "errors_injected", "timeouts_injected", "malformed_sent",
     "out_of_set_sent", "unmatched", "auth_failures", "bad_requests", "prompt_tokens", "completion_tokens",
-    "max_requests_in_any_60s_window", "early_requests",
+    "max_requests_in_any_60s_window", "early_requests", *BATCH_COUNTERS,
 )  # fmt: skip
 
 
