@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
+import threading
 from pathlib import Path
 
 import structlog
 
 from consumer.aio import background, signal_handlers
 from consumer.config import Settings
+from consumer.errors import ExitCode
+from consumer.kafka.preflight import check_topics
 from consumer.kafka.sink import KafkaSink
 from consumer.llm.pool import LlmPool
 from consumer.llm.prompting import estimate_prompt_tokens
@@ -22,6 +26,7 @@ from consumer.small.scoring import OnnxScorer, ScoringStage
 from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)
+_FORCED_EXIT_MARGIN_S = 4.5  # the process ends within drain_timeout_s + 5 s of a signal, whatever it is doing
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
@@ -48,14 +53,45 @@ async def _watch_model(stack: contextlib.AsyncExitStack, settings: Settings, sco
     await stack.enter_async_context(background(watcher.run(), "model-watcher"))
 
 
+def _started_since(before: set[asyncio.Task[object]]) -> list[asyncio.Task[object]]:
+    """The named tasks started since ``before``: the parts' own loops (workers, emitter, watcher)."""
+    current = asyncio.current_task()
+    started = asyncio.all_tasks() - before - {current}
+    return sorted((t for t in started if not t.get_name().startswith("Task-")), key=asyncio.Task.get_name)
+
+
+async def _force_exit_after_halt(stop: asyncio.Event, pipeline: Pipeline, seconds: float) -> None:
+    """Once a signal or a failure asks to stop, end the process after ``seconds`` even if shutdown hangs.
+
+    A thread, so it fires while the event loop is blocked too."""
+    halted = asyncio.create_task(pipeline.supervisor.failed.wait())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([halted, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (halted, stopped):
+            task.cancel()
+    timer = threading.Timer(seconds, _forced_exit, args=(seconds,))
+    timer.daemon = True
+    timer.start()
+
+
+def _forced_exit(seconds: float) -> None:
+    log.error("shutdown_forced", seconds=seconds)
+    os._exit(ExitCode.FATAL)
+
+
 async def run_service(
-    settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True
+    settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True, hard_deadline: bool = False
 ) -> Pipeline:
-    """Run until stopped (signal, ``max_messages``, idle timeout, or ``stop`` set by the caller).
+    """Run until stopped (signal, ``max_messages``, idle timeout, a part that fails, or ``stop`` set by the caller).
 
     ``handle_signals=False`` leaves SIGTERM/SIGINT to a caller that embeds the service (the demo).
-    Returns the pipeline for inspection."""
+    ``hard_deadline=True`` (the ``shunt run`` process) ends the process ``drain_timeout_s`` + 5 s after a
+    signal or a failure even if the shutdown hangs. Returns the pipeline: ``failure`` and ``unfinished``."""
     stop = stop or asyncio.Event()
+    before = asyncio.all_tasks()
+    await asyncio.get_running_loop().run_in_executor(None, check_topics, settings.kafka, settings.topics)
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
             stack.enter_context(signal_handlers(functools.partial(_on_signal, stop)))
@@ -73,7 +109,12 @@ async def run_service(
         await stack.enter_async_context(
             observability(settings, meter, pipeline, pool, sink, model_version=lambda: scoring.scorer.version)
         )
+        for task in _started_since(before):
+            pipeline.supervisor.watch(task, task.get_name())
+        if hard_deadline:
+            seconds = settings.service.drain_timeout_s + _FORCED_EXIT_MARGIN_S
+            await stack.enter_async_context(background(_force_exit_after_halt(stop, pipeline, seconds), "deadline"))
         log.info("service_started", input=settings.topics.input, group=settings.kafka.group_id)
         await pipeline.run(stop)
-    log.info("service_stopped", messages=pipeline.messages_read)
+    log.info("service_stopped", messages=pipeline.messages_read, unfinished=pipeline.unfinished)
     return pipeline

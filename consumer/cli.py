@@ -9,7 +9,7 @@ import sys
 import click
 
 from consumer import __version__
-from consumer.errors import ShuntError
+from consumer.errors import ExitCode, FatalError, ShuntError
 
 # name -> (module, one-line help shown by ``shunt --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,12 +67,15 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except FatalError as exc:
+        click.echo(f"fatal: {exc}", err=True)
+        sys.exit(ExitCode.FATAL)
     except ShuntError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(ExitCode.REFUSED)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)

@@ -32,6 +32,10 @@ class FatalError(ShuntError):
         self.detail = detail
 
 
+class RefusedError(ShuntError):
+    """A start-up check failed (a topic the service writes is missing or cannot be described): exit REFUSED."""
+
+
 class ConfigError(ShuntError):
     """The configuration is invalid; the message names the key, the value and what is allowed."""
 

@@ -17,6 +17,7 @@ import structlog
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.config import KafkaConfig, librdkafka_config
+from consumer.errors import FatalError
 from consumer.records import TopicPartition as TP
 
 log = structlog.get_logger(__name__)
@@ -49,7 +50,10 @@ class KafkaSource:
         self._callback_timeout_s = callback_timeout_s
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._paused: list[TP] = []
+        # Pausing is a state of the consumer, not of the partitions assigned when it was asked for: what is
+        # assigned later (or again) follows it. Applied on the consumer thread before each consume.
+        self._want_paused = False
+        self._applied: tuple[frozenset[TP], bool] = (frozenset(), False)
         self.closed = False
 
     async def start(self) -> None:
@@ -61,16 +65,14 @@ class KafkaSource:
     async def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         """Up to ``max_messages`` messages, or fewer after ``timeout_s``. Errors that are not fatal are logged."""
         loop = asyncio.get_running_loop()
-        messages: list[Message] = await loop.run_in_executor(
-            self._executor, self._consumer.consume, max_messages, timeout_s
-        )
+        messages: list[Message] = await loop.run_in_executor(self._executor, self._consume, max_messages, timeout_s)
         good = []
         for message in messages:
             error = message.error()
             if error is None:
                 good.append(message)
             elif error.fatal():
-                raise KafkaException(error)
+                raise FatalError("consumer", f"{error.name()}: {error.str()}")
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer_error", code=error.name(), reason=error.str())
         return good
@@ -97,16 +99,26 @@ class KafkaSource:
             log.warning("commit_failed", reason=str(exc))
 
     def pause(self) -> None:
-        assignment = self._consumer.assignment()
-        if assignment:
-            self._consumer.pause(assignment)
-            self._paused = _tps(assignment)
+        """Stop fetching from every partition, those assigned later included, until ``resume``."""
+        self._want_paused = True
 
     def resume(self) -> None:
+        self._want_paused = False
+
+    def _consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        self._apply_pause()
+        return list(self._consumer.consume(max_messages, timeout_s))
+
+    def _apply_pause(self) -> None:
+        """Pause or resume the whole assignment when it or the wanted state changed (consumer thread)."""
         assignment = self._consumer.assignment()
+        state = (frozenset(_tps(assignment)), self._want_paused)
+        if state == self._applied:
+            return
         if assignment:
-            self._consumer.resume(assignment)
-        self._paused = []
+            # Both ways, every time: a partition paused, revoked and assigned again keeps librdkafka's pause flag.
+            (self._consumer.pause if self._want_paused else self._consumer.resume)(assignment)
+        self._applied = state
 
     def assignment(self) -> list[TP]:
         return _tps(self._consumer.assignment())
@@ -148,9 +160,12 @@ class KafkaSource:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=[f"{t}/{p}" for t, p in _tps(partitions)])
         self._bridge(self._listener.on_assign(_tps(partitions)))
-        if self._paused:
-            # Keep a paused consumer paused across a rebalance; the pipeline resumes all at once.
-            consumer.pause(partitions)
+        try:
+            # Before the first fetch: a paused consumer stays paused, and a partition that was paused when it
+            # was revoked is fetched again once it comes back to a consumer that is not paused.
+            (consumer.pause if self._want_paused else consumer.resume)(partitions)
+        except KafkaException as exc:
+            log.info("pause_state_deferred", reason=str(exc))  # applied again before the next consume
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}/{p}" for t, p in _tps(partitions)])

@@ -188,6 +188,8 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
+        if not self._probe.healthy():
+            return _json({"status": "failing"}, 503)  # stopping on a fatal error: restart me
         return _json({"status": "alive"}, 200)
 
     async def _readyz(self, _request: web.Request) -> web.Response:

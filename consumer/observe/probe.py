@@ -123,6 +123,11 @@ class Probe:
         self._last_lag: dict[str, int] = {}
         self._unacked: dict[int, float] = {}  # metrics message seq -> monotonic time it was handed over
 
+    def healthy(self) -> bool:
+        """False once the service is stopping on a failure (a part died, a permanent error): ``/healthz``."""
+        check = getattr(self._pipeline, "healthy", None)  # a pipeline without supervision is always healthy
+        return True if check is None else bool(check())
+
     def read(self) -> Reading:
         """The running totals and the state around them, without closing the window."""
         stats = self._pool.stats()

@@ -19,7 +19,7 @@ import structlog
 from consumer import contracts
 from consumer.aio import cancel_and_wait, wait_until
 from consumer.config import Settings
-from consumer.errors import BadInputError
+from consumer.errors import BadInputError, FatalError
 from consumer.kafka.message import Message, origin_of
 from consumer.kafka.sink import KafkaSink, Outgoing
 from consumer.kafka.source import KafkaSource
@@ -30,6 +30,7 @@ from consumer.stream import outputs
 from consumer.stream.decoding import decode
 from consumer.stream.offsets import OffsetTracker
 from consumer.stream.routing import Route, on_give_up, route
+from consumer.stream.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 _IDLE_POLL_S = 0.2
@@ -42,6 +43,8 @@ class Labeler(Protocol):
     async def label(self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l") -> LlmOutcome: ...
 
     def backlog(self) -> int: ...
+
+    def backlog_bytes(self) -> int: ...
 
     def set_share(self, fraction: float) -> None: ...
 
@@ -108,13 +111,34 @@ class Pipeline:
         self._llm_tasks: set[asyncio.Task[None]] = set()
         self._progress = asyncio.Event()
         self._paused = False
+        self._sizes: dict[tuple[str, int, int], int] = {}  # bytes of each message read and not yet done
+        self.in_flight_bytes = 0
         self._partitions = 0
         self.messages_read = 0
+        self.unfinished = 0  # messages read but not done when the run ended: read again after a restart
         self.assigned = asyncio.Event()
+        self.supervisor = Supervisor()
+        self._stop_at: float | None = None
+
+    def healthy(self) -> bool:
+        """False once a part of the service died or a permanent error stopped it (``/healthz``)."""
+        return self.supervisor.healthy()
+
+    @property
+    def failure(self) -> FatalError | None:
+        return self.supervisor.failure
+
+    @property
+    def halted(self) -> bool:
+        """A signal or a failure stopped the run (not max_messages or the idle timeout)."""
+        return self._stop_at is not None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, ``max_messages`` were read or the stream stays idle; then drain."""
+        """Consume until ``stop`` is set, a part fails, ``max_messages`` were read or the stream stays idle;
+        then drain: a batch stop waits for every message read (``batch_drain_timeout_s``), a signal or a
+        failure waits ``drain_timeout_s`` at most."""
+        self._watch_sink()
         self._sink.rescue_with(outputs.DeadLetters(self._s.topics.dlq, self._s.metrics.instance_id))
         await self._sink.learn_limits([self._s.topics.output, self._s.topics.dlq, self._s.topics.distill])
         await self.source.start()
@@ -123,35 +147,74 @@ class Pipeline:
         )
         scorer = asyncio.create_task(self._score_loop(), name="score-loop")
         storer = asyncio.create_task(self._store_loop(stop), name="offset-store")
+        for task in (scorer, storer):
+            self.supervisor.watch_errors(task, task.get_name())
         try:
             await self._fetch_loop(stop)
+        except FatalError as exc:
+            self.supervisor.fail(exc)
         finally:
-            await self._batches.put(None)
-            await scorer
-            await self._drain()
+            await self._end_scoring(scorer, stop)
+            await self._drain(stop)
             await cancel_and_wait([storer])
+            await self.supervisor.close()
             await self._finish()
 
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self._s.service.drain_timeout_s
+    def _watch_sink(self) -> None:
+        self.supervisor.watch_event(self._sink.fatal_event, lambda: self._sink.fatal, "sink")
+
+    def _halting(self, stop: asyncio.Event) -> bool:
+        """A signal or a failure asked to stop (a batch stop is not one: it finishes its work)."""
+        halting = stop.is_set() or not self.supervisor.healthy()
+        if halting and self._stop_at is None:
+            self._stop_at = time.monotonic()
+        return halting
+
+    def _deadline(self) -> float:
+        return (self._stop_at or time.monotonic()) + self._s.service.drain_timeout_s
+
+    async def _end_scoring(self, scorer: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """Let the score loop finish the batches it has; a halt bounds that by the drain deadline."""
+        if scorer.done():
+            return
+        try:
+            async with asyncio.timeout_at(self._loop_time(self._deadline()) if self._halting(stop) else None):
+                await self._batches.put(None)
+                await asyncio.wait([scorer])
+        except TimeoutError:
+            log.warning("score_loop_abandoned", batches=self._batches.qsize())
+            await cancel_and_wait([scorer])
+
+    async def _drain(self, stop: asyncio.Event) -> None:
         started = time.monotonic()
-        await self._wait_until(lambda: self.tracker.in_flight() == 0, deadline)
+        if not self._halting(stop):
+            limit = self._s.service.batch_drain_timeout_s
+            until = started + limit if limit is not None else float("inf")
+            await self._wait_until(lambda: self.tracker.in_flight() == 0 or self._halting(stop), until)
+        if self._halting(stop):
+            await self._wait_until(lambda: self.tracker.in_flight() == 0, self._deadline())
+        self.unfinished = self.tracker.in_flight()
         await cancel_and_wait(self._llm_tasks)  # what is left is abandoned: not committed, so re-read after a restart
-        log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=self.tracker.in_flight())
+        log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=self.unfinished)
 
     async def _finish(self) -> None:
         self.source.store(self.tracker.to_store())
         marks = self.tracker.watermarks()
         await self.source.commit(marks)
         log.info("offsets_committed", offsets={f"{t}/{p}": o for (t, p), o in marks.items()})
-        await self._sink.flush(self._s.service.drain_timeout_s)
+        await self._sink.flush(max(self._deadline() - time.monotonic(), 1.0))
         await self.source.close()
+
+    @staticmethod
+    def _loop_time(deadline: float) -> float:
+        """A monotonic deadline on the event loop's clock."""
+        return asyncio.get_running_loop().time() + deadline - time.monotonic()
 
     # -- fetch -----------------------------------------------------------------------------------------
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
         service = self._s.service
         idle_since = time.monotonic()
-        while not stop.is_set():
+        while not self._halting(stop):
             if service.max_messages is not None and self.messages_read >= service.max_messages:
                 log.info("max_messages_reached", count=self.messages_read)
                 return
@@ -177,6 +240,7 @@ class Pipeline:
                 continue
             self.messages_read += 1
             self._meter.on_input()
+            self._count_bytes(origin, len(message.value() or b""))
             try:
                 reviews.append(decode(message.value(), origin, self._s.service.max_text_bytes))
             except BadInputError as exc:
@@ -184,14 +248,26 @@ class Pipeline:
         if reviews:
             await self._batches.put(reviews)
 
+    def _count_bytes(self, origin: Origin, size: int) -> None:
+        key = (origin.topic, origin.partition, origin.offset)
+        self.in_flight_bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+
+    def _over_bytes(self, fraction: float) -> bool:
+        """Whether the bytes in flight, or in the LLM backlog, reached ``fraction`` of their budget."""
+        over_llm = self._llm.backlog_bytes() >= self._s.llm.max_queue_bytes * fraction
+        return over_llm or self.in_flight_bytes >= self._s.service.max_in_flight_bytes * fraction
+
     def _apply_backpressure(self) -> None:
         llm, service = self._s.llm, self._s.service
         backlog, in_flight = self._llm.backlog(), self.tracker.in_flight()
-        if not self._paused and (backlog >= llm.queue_high_water or in_flight >= service.max_in_flight):
+        full = backlog >= llm.queue_high_water or in_flight >= service.max_in_flight or self._over_bytes(1.0)
+        drained = backlog <= llm.queue_low_water and in_flight <= service.max_in_flight // 2
+        if not self._paused and full:
             self.source.pause()
             self._paused = True
-            log.info("paused", llm_backlog=backlog, in_flight=in_flight)
-        elif self._paused and backlog <= llm.queue_low_water and in_flight <= service.max_in_flight // 2:
+            log.info("paused", llm_backlog=backlog, in_flight=in_flight, in_flight_bytes=self.in_flight_bytes)
+        elif self._paused and drained and not self._over_bytes(0.5):
             self.source.resume()
             self._paused = False
             log.info("resumed", llm_backlog=backlog, in_flight=in_flight)
@@ -208,9 +284,10 @@ class Pipeline:
             done.est_tokens = self._estimate(scored.review.text)
             await self._publish_labeled(scored, None, done)
             return
-        task = asyncio.create_task(self._ask_llm(scored))
+        task = asyncio.create_task(self._ask_llm(scored), name="llm-task")
         self._llm_tasks.add(task)
         task.add_done_callback(self._llm_tasks.discard)
+        self.supervisor.watch_errors(task, "llm-task")
 
     async def _ask_llm(self, scored: Scored) -> None:
         started = time.monotonic()
@@ -258,6 +335,7 @@ class Pipeline:
     def _finish_one(self, state: _Completion) -> None:
         origin = state.origin
         self.tracker.done((origin.topic, origin.partition), origin.offset)
+        self.in_flight_bytes -= self._sizes.pop((origin.topic, origin.partition, origin.offset), 0)
         if state.dlq_reason is not None:
             self._meter.on_dlq(state.dlq_reason)
         if state.source is not None:
@@ -276,8 +354,20 @@ class Pipeline:
 
     async def on_assign(self, tps: list[TP]) -> None:
         self.tracker.assign(tps)
+        if 0 < self._partitions < len(self.tracker.owned()):
+            await self._recount_partitions()  # the input topic grew while we ran
         self._reshare()
         self.assigned.set()
+
+    async def _recount_partitions(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            count = await loop.run_in_executor(None, self.source.partition_count, self._s.topics.input)
+        except Exception as exc:  # metadata is best effort here: never fail a rebalance over the LLM share
+            log.warning("partition_count_failed", error=str(exc))
+            count = 0
+        self._partitions = max(count, len(self.tracker.owned()))
+        log.info("input_partitions_changed", partitions=self._partitions)
 
     async def on_revoke(self, tps: list[TP]) -> dict[TP, int]:
         deadline = time.monotonic() + self._s.service.drain_timeout_s / 2
@@ -298,7 +388,7 @@ class Pipeline:
     def _reshare(self) -> None:
         owned = len(self.tracker.owned())
         if self._partitions > 0:
-            self._llm.set_share(max(owned, 1) / self._partitions)
+            self._llm.set_share(min(max(owned, 1) / self._partitions, 1.0))
 
 
 def _failure_text(failure: LlmFailure) -> str:
