@@ -188,6 +188,7 @@ class Meter:
         self._answered = 0  # uncached LLM answers: the sample behind the average completion
         self._baseline_prompt_tokens = 0
         self._baseline_completion_tokens = 0.0
+        self._lane_cost: dict[str, Fraction] = {}  # only the lanes told apart (the batch lane's reviews)
 
     def on_input(self, count: int = 1) -> None:
         self.totals.reviews_in += count
@@ -234,6 +235,17 @@ class Meter:
             self._baseline_prompt_tokens += est_prompt_tokens or round(self.average_prompt_tokens())
             self._baseline_completion_tokens += self.average_completion_tokens()
         self.totals.baseline_cost_usd = self.baseline_cost()
+
+    def on_lane(self, lane: str, cost_usd: float) -> None:
+        """Count a review's cost (already in :meth:`on_labeled`) against the lane that answered it."""
+        self._lane_cost[lane] = self._lane_cost.get(lane, Fraction(0)) + Fraction(cost_usd)
+
+    def lane_costs(self) -> dict[str, float]:
+        """Cost per lane: the lanes counted with :meth:`on_lane`, and ``online`` for the rest of the total."""
+        told = sum(self._lane_cost.values(), Fraction(0))
+        costs = {lane: float(cost) for lane, cost in self._lane_cost.items()}
+        costs["online"] = float(self._cost - told + self._lane_cost.get("online", Fraction(0)))
+        return costs
 
     def average_completion_tokens(self) -> float:
         """Completion tokens per uncached LLM answer so far; the configured cap until the first one."""
