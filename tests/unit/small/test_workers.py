@@ -13,7 +13,7 @@ import pytest
 
 from consumer.config import Settings
 from consumer.records import Origin, Prediction, Review
-from consumer.small.scoring import OnnxScorer, ScoringStage
+from consumer.small.scoring import MIN_SPLIT, OnnxScorer, ScoringStage, _split
 from tests.unit.small.test_scoring import write_toy
 
 TEXTS = ["good great", "bad awful awful", "okay so", "zzz unknown", "", "good bad okay"]
@@ -67,6 +67,29 @@ async def test_two_workers_score_two_batches_at_once_on_their_own_replicas() -> 
         assert first.threads != made[0].threads
     finally:
         stage.close()
+
+
+async def test_one_large_batch_is_split_over_the_workers_and_comes_back_in_order() -> None:
+    made: list[Rendezvous] = []
+    stage = ScoringStage(Rendezvous("a", threading.Barrier(2), made), workers=2)
+    try:
+        # One batch, awaited alone: it only completes if its two halves are scored at the same time.
+        scored = await stage.score(reviews([f"t{i}" for i in range(2 * MIN_SPLIT + 1)]))
+    finally:
+        stage.close()
+    assert [s.review.id for s in scored] == [f"r{i}" for i in range(2 * MIN_SPLIT + 1)]
+    assert len(made) == 1
+
+
+def test_split_keeps_order_and_never_makes_a_part_below_the_minimum() -> None:
+    texts = [str(i) for i in range(100)]
+    assert _split(texts, 1) == [texts]
+    assert _split(texts[: 2 * MIN_SPLIT - 1], 2) == [texts[: 2 * MIN_SPLIT - 1]]
+    for workers in (2, 3, 4):
+        parts = _split(texts, workers)
+        assert [t for part in parts for t in part] == texts
+        assert len(parts) == workers and max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert len(_split(texts[:40], 4)) == 40 // MIN_SPLIT
 
 
 async def test_a_scorer_without_replicas_is_never_called_from_two_threads() -> None:
