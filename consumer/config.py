@@ -139,7 +139,7 @@ class LlmConfig(Section):
     cache_size: int = Field(default=10_000, ge=0, description="LRU of answers for identical reviews; 0 disables")
     cache_max_bytes: int = Field(default=16 << 20, ge=0, description="memory the answer cache may hold, bytes")
     max_queue_bytes: int = Field(
-        default=128 << 20, gt=0, description="review bytes the LLM backlog may hold; reaching it pauses consumption"
+        default=64 << 20, gt=0, description="review bytes the LLM backlog may hold; reaching it pauses consumption"
     )
     max_response_bytes: int = Field(
         default=1 << 20, gt=0, description="a larger response body is a malformed answer (never read whole)"
@@ -215,7 +215,7 @@ class ServiceConfig(Section):
     max_text_bytes: int = Field(default=100_000, gt=0, description="longer review text goes to the DLQ")
     max_in_flight: int = Field(default=20_000, gt=0, description="messages read but not yet done, all paths")
     max_in_flight_bytes: int = Field(
-        default=256 << 20, gt=0, description="bytes of messages read but not yet done; reaching it pauses the input"
+        default=128 << 20, gt=0, description="bytes of messages read but not yet done; reaching it pauses the input"
     )
     commit_interval_s: float = Field(default=0.5, gt=0, description="how often done offsets are stored")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="log threshold")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from consumer.config import PriceConfig
+from consumer.errors import LlmError, PermanentLlmError
 from consumer.llm.cache import CacheKey
 from consumer.llm.prompting import Prompt
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome
@@ -136,3 +137,12 @@ class ByteGate:
     def leave(self, size: int) -> None:
         self.held -= size
         self._room.set()
+
+
+def give_up_reason(exc: LlmError, attempt: int, max_attempts: int) -> str:
+    """The reason a review falls back once the policy said not to retry."""
+    if isinstance(exc, PermanentLlmError):
+        return str(getattr(exc, "reason", "permanent_error"))
+    if attempt >= max_attempts:
+        return "retries_exhausted"
+    return "retry_budget_exhausted"

@@ -33,7 +33,6 @@ from consumer.errors import (
     Action,
     AuthFailedError,
     LlmError,
-    PermanentLlmError,
     RateLimitedError,
     breaker_effect,
     on_llm_failure,
@@ -42,7 +41,7 @@ from consumer.llm.breaker import CircuitBreaker, Ticket
 from consumer.llm.budget import RETRY_FLOOR, RetryBudget
 from consumer.llm.cache import CacheKey, LlmCache, cache_key
 from consumer.llm.client import Completion, InvalidAnswerError, LlmClient, LlmTimeoutError, Usage
-from consumer.llm.jobs import ByteGate, Counters, Job, PoolStats, follow, job_bytes
+from consumer.llm.jobs import ByteGate, Counters, Job, PoolStats, follow, give_up_reason, job_bytes
 from consumer.llm.prompting import Prompt, PromptKind, build_prompt, estimate_request_tokens
 from consumer.llm.ratelimit import Clock, MonotonicClock, Permit, RateLimiter
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Scored
@@ -119,12 +118,9 @@ class LlmPool:
         if self._state != "running":
             return LlmFailure("shutdown", "the LLM pool is not running")
         try:
-            built = self._build(scored, prompt)
+            key, size, early = self._plan(scored, prompt)
         except ValueError as exc:
             return LlmFailure("invalid_request", str(exc))
-        review = scored.review
-        key = cache_key(review.text, built.version, self._config.model, built.allowed_labels)
-        early = self._from_cache(key) or self._too_large(built)
         if early is not None:
             return early
         while (flight := self._flights.get(key)) is not None:
@@ -132,16 +128,21 @@ class LlmPool:
             if shared is not None:
                 self._counters.shared += 1
                 return shared
-        bound = log.bind(review_id=review.id, topic=review.origin.topic, partition=review.origin.partition,
-                         offset=review.origin.offset)  # fmt: skip
-        job = Job(review.id, review.text, built, key, asyncio.get_running_loop().create_future(), bound)
-        job.size = job_bytes(review.text, built)
-        self._flights[key] = job.future  # identical reviews from now on wait for this one (single flight)
+        future: asyncio.Future[LlmOutcome] = asyncio.get_running_loop().create_future()
+        self._flights[key] = future  # identical reviews from now on wait for this one (single flight)
         try:
-            return await self._submit(job)
+            return await self._submit(scored, prompt, key, size, future)
         finally:
-            if self._flights.get(key) is job.future:
+            if self._flights.get(key) is future:
                 del self._flights[key]
+
+    def _plan(self, scored: Scored, kind: PromptKind) -> tuple[CacheKey, int, LlmOutcome | None]:
+        """The cache key, the bytes the queued job will hold, and an outcome that needs no request (a cache
+        hit, a prompt too large for the TPM). The prompt is built here only to be measured: it is built again
+        once there is room, so a review waiting for room holds only its text."""
+        built = self._build(scored, kind)
+        key = cache_key(scored.review.text, built.version, self._config.model, built.allowed_labels)
+        return key, job_bytes(scored.review.text, built), self._from_cache(key) or self._too_large(built)
 
     def _too_large(self, prompt: Prompt) -> LlmFailure | None:
         estimate = estimate_request_tokens(prompt, self._config.max_completion_tokens)
@@ -150,8 +151,14 @@ class LlmPool:
         self._counters.failures += 1  # no wait makes it fit: say so now rather than hold it
         return LlmFailure("too_large_for_tpm", f"~{estimate} tokens is over the limit of {self._config.tpm}/min")
 
-    async def _submit(self, job: Job) -> LlmOutcome:
-        await self._gate.enter(job.size)
+    async def _submit(
+        self, scored: Scored, kind: PromptKind, key: CacheKey, size: int, future: asyncio.Future[LlmOutcome]
+    ) -> LlmOutcome:
+        await self._gate.enter(size)
+        review = scored.review
+        bound = log.bind(review_id=review.id, topic=review.origin.topic, partition=review.origin.partition,
+                         offset=review.origin.offset)  # fmt: skip
+        job = Job(review.id, review.text, self._build(scored, kind), key, future, bound, size=size)
         try:
             await self._queue.put(job)
         except BaseException:
@@ -159,7 +166,7 @@ class LlmPool:
             raise
         if self._closed():
             self._fail_queued()  # we got in after the shutdown sweep: sweep again
-        return await job.future
+        return await future
 
     def _release(self, job: Job) -> None:
         self._gate.leave(job.size)
@@ -337,7 +344,7 @@ class LlmPool:
             self._pause(exc.retry_after_s, job.attempts, "rate_limited")
         action = on_llm_failure(exc, job.attempts, self._config.max_attempts, self._budget.can_retry())
         if action is Action.FALLBACK:
-            return _give_up_reason(exc, job.attempts, self._config.max_attempts)
+            return give_up_reason(exc, job.attempts, self._config.max_attempts)
         self._budget.record_retry()
         self._counters.retries += 1
         job.log.debug("llm_retry", attempt=job.attempts, error=str(exc))
@@ -386,11 +393,3 @@ class LlmPool:
             "llm_answer", label=answer.label, attempts=answer.attempts, latency_ms=round(answer.latency_ms, 1)
         )
         return answer
-
-
-def _give_up_reason(exc: LlmError, attempt: int, max_attempts: int) -> str:
-    if isinstance(exc, PermanentLlmError):
-        return str(getattr(exc, "reason", "permanent_error"))
-    if attempt >= max_attempts:
-        return "retries_exhausted"
-    return "retry_budget_exhausted"
