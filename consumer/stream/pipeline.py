@@ -28,6 +28,7 @@ from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Origin, Review, 
 from consumer.records import TopicPartition as TP
 from consumer.stream import outputs
 from consumer.stream.decoding import decode
+from consumer.stream.deferral import NO_DEFERRAL, Deferring
 from consumer.stream.offsets import OffsetTracker
 from consumer.stream.routing import Route, on_give_up, route
 from consumer.stream.supervisor import Supervisor
@@ -65,6 +66,7 @@ class Parts:
     llm: Labeler
     meter: Meter
     estimate: TokenEstimator
+    deferrer: Deferring = NO_DEFERRAL  # the batch lane's hook (consumer.stream.deferral)
 
 
 class _Completion:
@@ -104,7 +106,7 @@ class Pipeline:
     def __init__(self, settings: Settings, parts: Parts) -> None:
         self._s = settings
         self._sink, self._scoring, self._llm = parts.sink, parts.scoring, parts.llm
-        self._meter, self._estimate = parts.meter, parts.estimate
+        self._meter, self._estimate, self._deferrer = parts.meter, parts.estimate, parts.deferrer
         self.tracker = OffsetTracker()
         self.source = KafkaSource(settings.kafka, [settings.topics.input], self, settings.service.drain_timeout_s)
         self._batches: asyncio.Queue[list[Review] | None] = asyncio.Queue(_SCORE_QUEUE)
@@ -246,7 +248,19 @@ class Pipeline:
             except BadInputError as exc:
                 await self._dead_letter(exc.reason, exc.detail, origin, message.value())
         if reviews:
-            await self._batches.put(reviews)
+            await self._put_batch(reviews)
+
+    async def _put_batch(self, reviews: list[Review]) -> None:
+        """Hand a batch to the score loop; give up once a failure stops the run (the score loop may be dead)."""
+        try:
+            self._batches.put_nowait(reviews)
+            return
+        except asyncio.QueueFull:
+            pass
+        put = asyncio.ensure_future(self._batches.put(reviews))
+        failed = asyncio.ensure_future(self.supervisor.failed.wait())
+        await asyncio.wait([put, failed], return_when=asyncio.FIRST_COMPLETED)
+        await cancel_and_wait([put, failed])  # a batch not handed over is not done: it is read again
 
     def _count_bytes(self, origin: Origin, size: int) -> None:
         key = (origin.topic, origin.partition, origin.offset)
@@ -260,7 +274,7 @@ class Pipeline:
 
     def _apply_backpressure(self) -> None:
         llm, service = self._s.llm, self._s.service
-        backlog, in_flight = self._llm.backlog(), self.tracker.in_flight()
+        backlog, in_flight = self._deferrer.pausing_backlog(self._llm.backlog()), self.tracker.in_flight()
         full = backlog >= llm.queue_high_water or in_flight >= service.max_in_flight or self._over_bytes(1.0)
         drained = backlog <= llm.queue_low_water and in_flight <= service.max_in_flight // 2
         if not self._paused and full:
@@ -284,6 +298,8 @@ class Pipeline:
             done.est_tokens = self._estimate(scored.review.text)
             await self._publish_labeled(scored, None, done)
             return
+        if self._deferrer.takes(self._llm.backlog()):  # done once the deferred record is delivered
+            return await self._deferrer.defer(scored, _Completion(scored.review.origin, 1, self._finish_one))
         task = asyncio.create_task(self._ask_llm(scored), name="llm-task")
         self._llm_tasks.add(task)
         task.add_done_callback(self._llm_tasks.discard)
