@@ -23,6 +23,7 @@ from consumer.observe.meter import Meter
 from consumer.observe.wiring import observability
 from consumer.small.reload import ModelWatcher
 from consumer.small.scoring import OnnxScorer, ScoringStage
+from consumer.stream.deferred import batch_lane
 from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)
@@ -104,7 +105,8 @@ async def run_service(
         pool = await stack.enter_async_context(LlmPool(settings.llm, drain_timeout_s=settings.service.drain_timeout_s))
         price = settings.llm.price()
         meter = Meter(price, settings.llm.max_completion_tokens)
-        parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens)
+        lane = await stack.enter_async_context(batch_lane(settings, sink, meter, pool, lambda: pipeline.halted))
+        parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens, deferrer=lane)
         pipeline = Pipeline(settings, parts)
         await stack.enter_async_context(
             observability(settings, meter, pipeline, pool, sink, model_version=lambda: scoring.scorer.version)

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -103,9 +103,41 @@ def read_deferred(message: Message) -> Deferred:
     return Deferred(Scored(review, prediction), position)
 
 
+class Deferring(Protocol):
+    """The pipeline's hook into the batch lane."""
+
+    def takes(self, backlog: int) -> bool:
+        """Whether the next uncertain review goes to the batch lane, given the online pool's backlog."""
+        ...
+
+    def pausing_backlog(self, backlog: int) -> int:
+        """The online backlog the pipeline's pause should see (0 when a full backlog defers instead)."""
+        ...
+
+    async def defer(self, scored: Scored, on_delivered: Callable[[], None]) -> None:
+        """Write the review to the deferred topic; ``on_delivered`` runs once the broker has it."""
+        ...
+
+
+class NoDeferral:
+    """``llm.lane = online``: nothing is deferred, the backlog pauses the input as before."""
+
+    def takes(self, backlog: int) -> bool:
+        return False
+
+    def pausing_backlog(self, backlog: int) -> int:
+        return backlog
+
+    async def defer(self, scored: Scored, on_delivered: Callable[[], None]) -> None:
+        raise RuntimeError("the online lane defers nothing")
+
+
+NO_DEFERRAL = NoDeferral()
+
+
 class Deferrer:
-    """The pipeline's hook: :meth:`takes` says whether an uncertain review goes to the batch lane now,
-    :meth:`defer` writes it to the deferred topic and calls ``on_delivered`` once the broker has it."""
+    """The pipeline's hook for ``batch`` and ``overflow``: :meth:`takes` says whether an uncertain review goes
+    to the batch lane now, :meth:`defer` writes it to the deferred topic."""
 
     def __init__(self, settings: Settings, sink: KafkaSink) -> None:
         self._lane = settings.llm.lane
@@ -116,16 +148,15 @@ class Deferrer:
         self._sink = sink
         self.deferred = 0
 
-    @property
-    def absorbs_backlog(self) -> bool:
-        """True in ``overflow``: a full online backlog sends reviews here instead of pausing the input."""
-        return self._lane == "overflow"
-
     def takes(self, backlog: int) -> bool:
-        """Whether the next uncertain review goes to the batch lane, given the online pool's backlog."""
         return self._lane == "batch" or (self._lane == "overflow" and backlog >= self._high_water)
 
+    def pausing_backlog(self, backlog: int) -> int:
+        """In ``overflow`` a full online backlog sends reviews here instead of pausing the input."""
+        return 0 if self._lane == "overflow" else backlog
+
     async def defer(self, scored: Scored, on_delivered: Callable[[], None]) -> None:
+        """Write the review to the deferred topic; ``on_delivered`` runs once the broker has it."""
         origin = scored.review.origin
         record = deferred_record(scored, self._threshold, self._instance_id, self._lane)
         out = Outgoing(self._topic, scored.review.id, contracts.dumps(record), origin.headers, origin)

@@ -38,7 +38,7 @@ from consumer.llm.prompting import Prompt, build_prompt
 from consumer.observe.meter import Meter
 from consumer.records import TopicPartition as TP
 from consumer.stream.batchout import BatchPublisher, OnlineLabeler, batch_answer, billed
-from consumer.stream.deferral import Deferred, Deferrer, batch_key, parse_key, read_deferred
+from consumer.stream.deferral import NO_DEFERRAL, Deferred, Deferrer, Deferring, batch_key, parse_key, read_deferred
 from consumer.stream.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
@@ -181,6 +181,8 @@ class BatchStage:
         if known is not None and offset >= known.last:
             known.started = True
             self.batches_resumed += 1
+            assert known.info is not None
+            log.info("batch_resumed", key=known.key, batch=known.info.id, status=known.info.status)
             self._start(known)
 
     def _seal_due(self) -> None:
@@ -352,12 +354,13 @@ def _missing(info: BatchInfo | None) -> str:
 @contextlib.asynccontextmanager
 async def batch_lane(
     settings: Settings, sink: KafkaSink, meter: Meter, online: OnlineLabeler | None, halted: Callable[[], bool]
-) -> AsyncIterator[Deferrer | None]:
-    """The pipeline's :class:`Deferrer` (None for ``llm.lane = online``) and, with ``batch.in_service``, the
-    batch stage beside it. On exit after a batch stop the stage finishes what it has; after a halt
-    (``halted()``) it stops within the drain timeout and leaves the rest to the next run."""
+) -> AsyncIterator[Deferring]:
+    """The pipeline's hook (:data:`NO_DEFERRAL` for ``llm.lane = online``) and, with ``batch.in_service``, the
+    batch stage beside it. On exit after a batch stop the stage finishes what it has (for at most
+    ``service.batch_drain_timeout_s``); after a halt (``halted()``, or an error) it stops at once and leaves
+    the batches in flight to the next run."""
     if settings.llm.lane == "online":
-        yield None
+        yield NO_DEFERRAL
         return
     deferrer = Deferrer(settings, sink)
     if not settings.batch.in_service:
@@ -369,16 +372,22 @@ async def batch_lane(
         task = asyncio.create_task(stage.run(stop), name="batch-stage")
         try:
             yield deferrer
-        finally:
-            await _end(stage, task, stop, halted(), settings.service.drain_timeout_s)
+        except BaseException:
+            stop.set()
+            await asyncio.wait([task])
+            raise
+        if halted():
+            stop.set()
+        await finish(stage, task, stop, settings.service.batch_drain_timeout_s)
 
 
-async def _end(stage: BatchStage, task: asyncio.Task[None], stop: asyncio.Event, halt: bool, drain_s: float) -> None:
+async def finish(stage: BatchStage, task: asyncio.Task[None], stop: asyncio.Event, limit_s: float | None) -> None:
+    """Let the stage publish everything it has read (``limit_s`` None: however long it takes; else stop it
+    after that long). With ``stop`` set it ends at once."""
     stage.finishing.set()
-    if halt:
-        stop.set()
     try:
-        await asyncio.wait_for(asyncio.shield(task), timeout=drain_s if halt else None)
+        await asyncio.wait_for(asyncio.shield(task), timeout=limit_s)
     except TimeoutError:
+        log.warning("batch_stage_unfinished", seconds=limit_s, in_flight=stage.tracker.in_flight())
         stop.set()
         await asyncio.wait([task])
