@@ -149,6 +149,7 @@ def readiness(probe: Probe, stale_after_s: float) -> dict[str, Any]:
             "unacknowledged_for_s": None if waited is None else round(waited, 3),
         },
         "model": {"ok": version is not None, "version": version},
+        "llm": {"ok": probe.llm_ready()},  # a 401/403 from the provider: fix the key, restarting will not help
     }
     missing = [name for name, check in checks.items() if not check["ok"]]
     return {"ready": not missing, "missing": missing, "checks": checks}

@@ -197,6 +197,12 @@ class Meter:
         self.totals.dlq += 1
         self.totals.dlq_by_reason[reason] += 1
 
+    def on_billed(self, cost_usd: float) -> None:
+        """Count what the LLM billed for a review that gets no label (an invalid answer is paid for too)."""
+        if cost_usd:
+            self._cost += Fraction(cost_usd)
+            self.totals.cost_usd = float(self._cost)
+
     def on_labeled(
         self, source: Source, cost_usd: float, answer: LlmAnswer | None, est_prompt_tokens: int, latency_ms: float
     ) -> None:

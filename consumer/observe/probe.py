@@ -168,6 +168,10 @@ class Probe:
     def model_version(self) -> str | None:
         return self._model_version()
 
+    def llm_ready(self) -> bool:
+        """False while the LLM refuses our credentials (401/403): the service is misconfigured (``/readyz``)."""
+        return not getattr(self._pool.stats(), "auth_failed", False)
+
     def assignment(self) -> list[TP]:
         source = self._pipeline.source
         return [] if source.closed else source.assignment()

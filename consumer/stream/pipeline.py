@@ -324,6 +324,7 @@ class Pipeline:
             done.started = started
             await self._publish_labeled(scored, outcome, done)
         else:
+            self._meter.on_billed(outcome.cost_usd)  # an invalid answer is billed: it counts, dead letter or not
             await self._dead_letter("llm_failed", _failure_text(outcome), origin, None, review=scored.review)
 
     # -- publish ---------------------------------------------------------------------------------------

@@ -248,3 +248,22 @@ def test_the_retry_budget_holds_only_its_last_window() -> None:
     assert budget.held() <= 62  # one bucket per second of the 60 s window, not 100,000 timestamps
     assert 590 <= budget.firsts_in_window() <= 610
     assert budget.can_retry()
+
+
+async def test_readiness_fails_while_the_provider_refuses_our_key() -> None:
+    from consumer.observe.http import readiness
+    from consumer.observe.meter import Meter
+    from consumer.observe.probe import Probe, ServiceInfo
+    from tests.unit.observe.fakes import DEFAULT_COMPLETION, PRICE, FakePipeline, FakeSink, make_settings
+
+    server = StandinServer(StandinConfig(api_key="sk-right-key-0001"))
+    async with server as url, LlmPool(llm_config(url, api_key="sk-wrong-key-0002")) as pool:
+        pipeline = FakePipeline()
+        pipeline.source.assigned = [("reviews", 0)]
+        info = ServiceInfo.from_settings(make_settings())
+        probe = Probe(info, Meter(PRICE, DEFAULT_COMPLETION), pipeline, pool, FakeSink(), model_version=lambda: "m")
+        before = readiness(probe, 30.0)
+        await pool.label(scored("any review"))
+        after = readiness(probe, 30.0)
+    assert before["ready"] and before["checks"]["llm"] == {"ok": True}
+    assert not after["ready"] and after["missing"] == ["llm"]
