@@ -23,7 +23,7 @@ from consumer.observe.meter import Meter
 from consumer.observe.wiring import observability
 from consumer.small.reload import ModelWatcher
 from consumer.small.scoring import OnnxScorer, ScoringStage
-from consumer.stream.deferred import batch_lane
+from consumer.stream.batchlane import batch_lane
 from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)

@@ -14,6 +14,7 @@ from consumer.errors import ExitCode, FatalError, ShuntError
 # name -> (module, one-line help shown by ``shunt --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("consumer.commands.run", "Run the service: consume reviews, label them, publish."),
+    "batch": ("consumer.commands.batch", "Run the batch lane alone: deferred reviews through the Batch API."),
     "score": ("consumer.commands.score", "Score text or a JSONL file with the small model."),
     "train": ("consumer.commands.train", "Train and calibrate the default small model."),
     "distill": ("consumer.commands.distill", "Retrain the small model from LLM answers (L4S)."),

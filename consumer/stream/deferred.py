@@ -16,11 +16,10 @@ committed or wholly read again. A create that failed in transit is looked up by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,7 +37,7 @@ from consumer.llm.prompting import Prompt, build_prompt
 from consumer.observe.meter import Meter
 from consumer.records import TopicPartition as TP
 from consumer.stream.batchout import BatchPublisher, OnlineLabeler, batch_answer, billed
-from consumer.stream.deferral import NO_DEFERRAL, Deferred, Deferrer, Deferring, batch_key, parse_key, read_deferred
+from consumer.stream.deferral import Deferred, batch_key, parse_key, read_deferred
 from consumer.stream.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
@@ -86,7 +85,7 @@ class BatchStage:
         self._known: dict[TP, list[Chunk]] = {}
         self._tasks: dict[asyncio.Task[None], Chunk] = {}
         self._relist: set[TP] = set()
-        self._last_message = time.monotonic()
+        self.last_message = time.monotonic()
         self._paused = False
         self.finishing = asyncio.Event()
         self.batches_created = 0
@@ -126,7 +125,7 @@ class BatchStage:
             return False
         assigned = self.source.assignment()
         lag = self.source.lag(self.tracker.watermarks())
-        quiet = time.monotonic() - self._last_message >= _IDLE_S
+        quiet = time.monotonic() - self.last_message >= _IDLE_S
         return bool(assigned) and quiet and not any(lag.get(tp, 0) for tp in assigned)
 
     def _wait_s(self) -> float:
@@ -150,7 +149,7 @@ class BatchStage:
             tp, offset = (message.topic() or "", message.partition() or 0), message.offset() or 0
             if not self.tracker.read(tp, offset):
                 continue
-            self._last_message = time.monotonic()
+            self.last_message = time.monotonic()
             try:
                 item = read_deferred(message)
             except BadInputError as exc:
@@ -349,45 +348,3 @@ class BatchStage:
 def _missing(info: BatchInfo | None) -> str:
     """Why an item has no line at all: its batch was refused, or ended without answering it."""
     return "rejected" if info is None else info.status
-
-
-@contextlib.asynccontextmanager
-async def batch_lane(
-    settings: Settings, sink: KafkaSink, meter: Meter, online: OnlineLabeler | None, halted: Callable[[], bool]
-) -> AsyncIterator[Deferring]:
-    """The pipeline's hook (:data:`NO_DEFERRAL` for ``llm.lane = online``) and, with ``batch.in_service``, the
-    batch stage beside it. On exit after a batch stop the stage finishes what it has (for at most
-    ``service.batch_drain_timeout_s``); after a halt (``halted()``, or an error) it stops at once and leaves
-    the batches in flight to the next run."""
-    if settings.llm.lane == "online":
-        yield NO_DEFERRAL
-        return
-    deferrer = Deferrer(settings, sink)
-    if not settings.batch.in_service:
-        yield deferrer
-        return
-    stop = asyncio.Event()
-    async with BatchApi(settings.llm) as api:
-        stage = BatchStage(settings, sink, meter, api, online)
-        task = asyncio.create_task(stage.run(stop), name="batch-stage")
-        try:
-            yield deferrer
-        except BaseException:
-            stop.set()
-            await asyncio.wait([task])
-            raise
-        if halted():
-            stop.set()
-        await finish(stage, task, stop, settings.service.batch_drain_timeout_s)
-
-
-async def finish(stage: BatchStage, task: asyncio.Task[None], stop: asyncio.Event, limit_s: float | None) -> None:
-    """Let the stage publish everything it has read (``limit_s`` None: however long it takes; else stop it
-    after that long). With ``stop`` set it ends at once."""
-    stage.finishing.set()
-    try:
-        await asyncio.wait_for(asyncio.shield(task), timeout=limit_s)
-    except TimeoutError:
-        log.warning("batch_stage_unfinished", seconds=limit_s, in_flight=stage.tracker.in_flight())
-        stop.set()
-        await asyncio.wait([task])

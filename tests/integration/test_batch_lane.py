@@ -6,6 +6,7 @@ pausing, for less than an online-only run; expired and failed items end labeled 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import pytest
 from consumer import contracts
 from consumer.sandbox.reviewgen import generate
 from tests.support import kafka
-from tests.support.service import Process, control, start_service, start_standin, stats
+from tests.support.service import Process, control, service_env, start_service, start_standin, stats
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -170,3 +171,32 @@ def test_overflow_keeps_the_online_rpm_busy_and_batches_the_rest(
     assert max(spans, default=0.0) <= 1.0, spans  # never paused longer than one batching interval
     assert used >= 0.95, used
     assert overflow_cost < online_cost
+
+
+def test_a_separate_batch_stage_answers_expired_and_failed_items_online_and_loses_none(
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, standin: str
+) -> None:
+    """``shunt run`` with batch.in_service = false only defers; ``shunt batch`` runs the stage alone."""
+    control(standin, batch_turnaround_s=1.0, batch_item_failure_rate=0.1, batch_expire_rate=0.1)
+    settings = lane_settings(topics, standin, "batch", batch__in_service="false", batch__max_requests=200)
+    rows = reviews(2_000, seed=18)
+    kafka.produce_reviews(settings["topics__input"], rows)
+    service = start_service(tmp_path / "service.log", "--idle-timeout", "3", **settings)
+    stage = Process(
+        [sys.executable, "-m", "consumer", "batch", "--idle-timeout", "5"], service_env(**settings),
+        tmp_path / "batch.log",
+    )  # fmt: skip
+    assert service.wait(90) == 0, service.log()[-3000:]
+    assert stage.wait(120) == 0, stage.log()[-3000:]
+    results = labeled(settings, len(rows))
+    assert {r["id"] for r in results} == {r["id"] for r in rows}  # none lost
+    counters = stats(standin)
+    retried = counters["batch_items_failed"] + counters["batch_items_expired"]
+    paths = Counter((r.get("lane", "online"), r["source"]) for r in results)
+    assert retried > 0 and paths[("online", "large")] == retried, (paths, counters)
+    cached = sum(1 for r in results if r.get("lane") == "online" and r["llm"] and r["llm"]["cached"])
+    assert counters["answered"] == retried - cached  # identical texts share the online pool's answer
+    assert paths[("batch", "large")] == counters["batch_requests"] - retried
+    report(f"separate shunt batch: {counters['batches_created']} batches, {counters['batches_expired']} expired; "
+           f"{counters['batch_items_failed']} failed and {counters['batch_items_expired']} expired items answered "
+           f"online, {paths[('batch', 'large')]} by batches, 0 lost")  # fmt: skip
