@@ -53,6 +53,7 @@ class KafkaSource:
         # Pausing is a state of the consumer, not of the partitions assigned when it was asked for: what is
         # assigned later (or again) follows it. Applied on the consumer thread before each consume.
         self._want_paused = False
+        self._cooperative = "cooperative" in str(self._conf.get("partition.assignment.strategy", ""))
         self._applied: tuple[frozenset[TP], bool] = (frozenset(), False)
         self.closed = False
 
@@ -161,11 +162,12 @@ class KafkaSource:
         log.info("partitions_assigned", partitions=[f"{t}/{p}" for t, p in _tps(partitions)])
         self._bridge(self._listener.on_assign(_tps(partitions)))
         try:
-            # Before the first fetch: a paused consumer stays paused, and a partition that was paused when it
-            # was revoked is fetched again once it comes back to a consumer that is not paused.
+            # Assign here rather than after the callback, so the pause state holds before the first fetch: a
+            # paused consumer stays paused, and a partition paused when it was revoked is fetched again.
+            (consumer.incremental_assign if self._cooperative else consumer.assign)(partitions)
             (consumer.pause if self._want_paused else consumer.resume)(partitions)
         except KafkaException as exc:
-            log.info("pause_state_deferred", reason=str(exc))  # applied again before the next consume
+            log.warning("assign_failed", reason=str(exc))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions_revoked", partitions=[f"{t}/{p}" for t, p in _tps(partitions)])

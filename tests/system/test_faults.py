@@ -114,6 +114,44 @@ def test_kill_9_three_times_loses_nothing(
         out.close()
 
 
+def test_kill_9_five_times_with_llm_work_in_flight_and_a_second_instance_loses_nothing(
+    report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, fast_llm: str
+) -> None:
+    """Issue 14: five kill -9 of the main instance, each with LLM answers in flight (threshold 0.99 sends about
+    a third of the reviews to a stand-in taking 50-150 ms), while a second instance joins and leaves."""
+    rows = reviews(20_000, seed=17)
+    settings = settings_for(topics, 4, fast_llm, router__threshold=0.99)
+    control(fast_llm, latency_ms=[50, 150])
+    kafka.produce_reviews(settings["topics__input"], rows)
+    out = Collector(settings["topics__output"])
+    rnd = random.Random(17)
+    second: Process | None = None
+    try:
+        for run in range(5):
+            proc = start_service(tmp_path / f"run{run}.log", **settings)
+            if run in (1, 3):
+                second = start_service(tmp_path / f"second{run}.log", **settings)  # joins
+            out.wait_count(out.poll() + rnd.randint(400, 2000), 180)
+            llm = stats(fast_llm)
+            in_flight = llm["requests"] - llm["answered"]  # LLM answers the killed instance waited for
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.kill()
+            if second is not None and run in (2, 4):
+                second.signal(signal.SIGTERM)  # leaves
+                assert second.wait(60) == 0, second.log()[-3000:]
+                second = None
+            report(f"kill -9 #{run + 1} at {len(set(out.ids()))} distinct outputs, {in_flight} LLM requests in flight")
+        final = start_service(tmp_path / "final.log", "--idle-timeout", "8", **settings)
+        duplicates = assert_all_labeled(out, rows, 300)
+        assert final.wait(120) == 0, final.log()[-3000:]
+        report(f"crash test: {len(rows)} reviews, 5 x kill -9, second instance joined and left twice, 0 lost, "
+               f"{duplicates} duplicates")  # fmt: skip
+    finally:
+        out.close()
+        if second is not None:
+            second.kill()
+
+
 def test_two_instances_one_stopped_and_started_mid_run(
     report: Callable[[str], None], topics: kafka.Topics, tmp_path: Path, fast_llm: str
 ) -> None:
