@@ -97,6 +97,9 @@ class RouterConfig(Section):
     fallback: Literal["small", "dlq"] = Field(
         default="small", description="when the LLM gives up: publish the small label flagged, or dead-letter"
     )
+    mode: Literal["fixed", "adaptive"] = Field(default="fixed", description="adaptive: audits move the threshold")
+    max_error: float = Field(default=0.03, gt=0, lt=1, description="adaptive: small-path error to certify")
+    risk_confidence: float = Field(default=0.95, gt=0, lt=1, description="adaptive: confidence of that bound")
 
 
 class PriceConfig(Section):
@@ -192,6 +195,19 @@ class BatchConfig(Section):
         return self.group_id or f"{kafka_group}.batch"
 
 
+class AuditConfig(Section):
+    rate: float = Field(default=0.01, ge=0, le=1, description="share of small-path reviews also asked of the LLM")
+    seed: int = Field(default=0, description="seeds which reviews are audited (the same after a restart)")
+    min_agreement: float = Field(default=0.9, ge=0, le=1, description="drift alarm below this agreement")
+    window: int = Field(default=200, ge=10, le=100_000, description="audit results the drift alarm looks at")
+
+
+class BudgetConfig(Section):
+    usd_per_hour: float | None = Field(default=None, gt=0, description="LLM spend cap, USD/hour; none: no cap")
+    min_threshold: float = Field(default=0.5, ge=0, le=1, description="the cap never lowers the threshold below")
+    priority: Literal["accuracy", "spend"] = Field(default="accuracy", description="which wins: risk rule or cap")
+
+
 class MetricsConfig(Section):
     interval_s: float = Field(default=10.0, gt=0, description="one metrics message per window of this length")
     instance_id: str = Field(
@@ -241,6 +257,8 @@ class Settings(BaseSettings):
     router: RouterConfig = Field(default_factory=RouterConfig)
     llm: LlmConfig = Field(default_factory=LlmConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
