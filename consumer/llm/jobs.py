@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,6 +73,7 @@ class Job:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    audit: bool = False  # a shadow request: served only when no real review waits
 
     def resolve(self, outcome: LlmOutcome) -> None:
         if not self.future.done():
@@ -137,6 +139,75 @@ class ByteGate:
     def leave(self, size: int) -> None:
         self.held -= size
         self._room.set()
+
+
+class Lanes:
+    """The pool's two queues. Real reviews (bounded, awaiting room) always go first; an audit (a shadow
+    request) is served only when no real review is queued and fewer than ``audit_slots`` audits are in
+    progress, so audits never hold a real review back by more than the requests already in flight. At most
+    ``audit_max`` audits wait; :meth:`offer_audit` refuses one beyond that rather than wait."""
+
+    def __init__(self, maxsize: int, audit_max: int, audit_slots: int) -> None:
+        self.real: asyncio.Queue[Job] = asyncio.Queue(maxsize)
+        self._audits: deque[Job] = deque()
+        self._audit_max, self._audit_slots = audit_max, audit_slots
+        self.audits_in_progress = 0
+        self._work = asyncio.Event()
+
+    async def put(self, job: Job) -> None:
+        await self.real.put(job)
+        self._work.set()
+
+    def offer_audit(self, job: Job) -> bool:
+        if len(self._audits) >= self._audit_max:
+            return False
+        self._audits.append(job)
+        self._work.set()
+        return True
+
+    async def get(self) -> Job:
+        while True:
+            try:
+                return self.get_nowait(self._audit_slots)
+            except asyncio.QueueEmpty:
+                self._work.clear()
+                await self._work.wait()
+
+    def get_nowait(self, audit_slots: int | None = None) -> Job:
+        """The next job: a real one, else an audit while a slot is free (any audit with no limit given)."""
+        if not self.real.empty():
+            return self.real.get_nowait()
+        if self._audits and (audit_slots is None or self.audits_in_progress < audit_slots):
+            self.audits_in_progress += 1
+            return self._audits.popleft()
+        raise asyncio.QueueEmpty
+
+    def done(self, job: Job) -> None:
+        if job.audit:
+            self.audits_in_progress -= 1
+            self._work.set()
+        else:
+            self.real.task_done()
+
+    def qsize(self) -> int:
+        """Real reviews queued (audits are not part of the backlog that pauses the input)."""
+        return self.real.qsize()
+
+    def audits(self) -> int:
+        return len(self._audits) + self.audits_in_progress
+
+    async def join(self) -> None:
+        await self.real.join()
+
+    def sweep(self) -> list[Job]:
+        """Take every queued job out (at shutdown), real and audit."""
+        jobs: list[Job] = []
+        while True:
+            try:
+                jobs.append(self.get_nowait())
+            except asyncio.QueueEmpty:
+                return jobs
+            self.done(jobs[-1])
 
 
 def give_up_reason(exc: LlmError, attempt: int, max_attempts: int) -> str:

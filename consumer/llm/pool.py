@@ -12,7 +12,7 @@ exponential backoff and full jitter. ``label()`` never raises for provider probl
 
 Failure reasons: ``retries_exhausted``, ``retry_budget_exhausted``, ``circuit_open``, ``invalid_answer``,
 ``malformed_response``, ``request_rejected``, ``too_large_for_tpm``,
-``invalid_request``, ``shutdown``, ``internal_error``.
+``invalid_request``, ``shutdown``, ``internal_error``, ``audit_skipped`` (a shadow request not sent).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from consumer.llm.breaker import CircuitBreaker, Ticket
 from consumer.llm.budget import RETRY_FLOOR, RetryBudget
 from consumer.llm.cache import CacheKey, LlmCache, cache_key
 from consumer.llm.client import Completion, InvalidAnswerError, LlmClient, LlmTimeoutError, Usage
-from consumer.llm.jobs import ByteGate, Counters, Job, PoolStats, follow, give_up_reason, job_bytes
+from consumer.llm.jobs import ByteGate, Counters, Job, Lanes, PoolStats, follow, give_up_reason, job_bytes
 from consumer.llm.prompting import Prompt, PromptKind, build_prompt, estimate_request_tokens
 from consumer.llm.ratelimit import Clock, MonotonicClock, Permit, RateLimiter
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Scored
@@ -77,7 +77,8 @@ class LlmPool:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, self._clock)
         self._budget = RetryBudget(config.retry_budget_ratio, retry_floor, self._clock)
         self._cache = LlmCache(config.cache_size, config.cache_max_bytes)
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.queue_high_water)
+        slots = max(1, config.max_concurrency // 8)  # audits never take more of the workers than this
+        self._queue = Lanes(config.queue_high_water, max(1, config.queue_low_water // 10), slots)
         self._counters = Counters()
         self._flights: dict[CacheKey, asyncio.Future[LlmOutcome]] = {}
         self._gate = ByteGate(config.max_queue_bytes)  # jobs waiting for a queue slot, queued or in progress
@@ -113,10 +114,15 @@ class LlmPool:
         await self._stack.aclose()
         log.info("llm_pool_stopped", failed_on_shutdown=left, **dataclasses.asdict(self.stats()))
 
-    async def label(self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l") -> LlmOutcome:
-        """The LLM's label for one review, or an :class:`LlmFailure` saying why not. Waits for queue room."""
+    async def label(
+        self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l", *, audit: bool = False
+    ) -> LlmOutcome:
+        """The LLM's label for one review, or an :class:`LlmFailure` saying why not. Waits for queue room.
+        ``audit``: a shadow request, lowest priority (:class:`~consumer.llm.jobs.Lanes`), that never waits."""
         if self._state != "running":
             return LlmFailure("shutdown", "the LLM pool is not running")
+        if audit:
+            return await self._audit(scored, prompt)
         try:
             key, size, early = self._plan(scored, prompt)
         except ValueError as exc:
@@ -168,13 +174,32 @@ class LlmPool:
             self._fail_queued()  # we got in after the shutdown sweep: sweep again
         return await future
 
+    async def _audit(self, scored: Scored, kind: PromptKind) -> LlmOutcome:
+        """Past the low-water mark, or with the audit lane full, it fails at once (``audit_skipped``)."""
+        try:
+            key, _size, early = self._plan(scored, kind)
+        except ValueError as exc:
+            return LlmFailure("invalid_request", str(exc))
+        if early is not None:
+            return early
+        future: asyncio.Future[LlmOutcome] = asyncio.get_running_loop().create_future()
+        job = Job(scored.review.id, scored.review.text, self._build(scored, kind), key, future,
+                  log.bind(review_id=scored.review.id, audit=True), audit=True)  # fmt: skip
+        if self.backlog() > self._config.queue_low_water or not self._queue.offer_audit(job):
+            return LlmFailure("audit_skipped", "the LLM backlog is above its low-water mark")
+        return await future
+
     def _release(self, job: Job) -> None:
         self._gate.leave(job.size)
         job.size = 0
 
     def backlog(self) -> int:
-        """Reviews queued or being worked on."""
-        return self._queue.qsize() + self._in_progress
+        """Reviews queued or being worked on (audits apart: :meth:`audit_backlog`)."""
+        return self._queue.qsize() + self._in_progress - self._queue.audits_in_progress
+
+    def audit_backlog(self) -> int:
+        """Audits (shadow requests) queued or being worked on."""
+        return self._queue.audits()
 
     def backlog_bytes(self) -> int:
         """Review bytes the backlog holds (queued, waiting for a queue slot, or being worked on)."""
@@ -226,16 +251,11 @@ class LlmPool:
             log.warning("llm_pool_drain_timeout", backlog=self.backlog(), timeout_s=timeout_s)
 
     def _fail_queued(self) -> int:
-        failed = 0
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return failed
+        jobs = self._queue.sweep()
+        for job in jobs:
             job.resolve(job.failure("shutdown", "the pool stopped before this review was sent"))
             self._release(job)
-            self._queue.task_done()
-            failed += 1
+        return len(jobs)
 
     async def _worker(self) -> None:
         while True:
@@ -246,7 +266,7 @@ class LlmPool:
             finally:
                 self._in_progress -= 1
                 self._release(job)
-                self._queue.task_done()
+                self._queue.done(job)
 
     async def _serve(self, job: Job) -> None:
         if job.future.done():  # the caller stopped waiting
