@@ -24,9 +24,10 @@ from consumer.kafka.message import Message, origin_of
 from consumer.kafka.sink import KafkaSink, Outgoing
 from consumer.kafka.source import KafkaSource
 from consumer.observe.meter import Meter
-from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Origin, Review, Scored, Source
+from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Origin, Review, Scored
 from consumer.records import TopicPartition as TP
 from consumer.stream import outputs
+from consumer.stream.completion import Completion
 from consumer.stream.decoding import decode
 from consumer.stream.deferral import NO_DEFERRAL, Deferring
 from consumer.stream.offsets import OffsetTracker
@@ -69,35 +70,7 @@ class Parts:
     deferrer: Deferring = NO_DEFERRAL  # the batch lane's hook (consumer.stream.deferral)
 
 
-class _Completion:
-    """Counts the deliveries one input message still waits for; the last one finishes it."""
-
-    __slots__ = (
-        "answer",
-        "cost_usd",
-        "dlq_reason",
-        "est_tokens",
-        "on_finish",
-        "origin",
-        "remaining",
-        "source",
-        "started",
-    )
-
-    def __init__(
-        self, origin: Origin, remaining: int, on_finish: Callable[[_Completion], None], source: Source | None = None
-    ) -> None:
-        self.origin, self.remaining, self.on_finish, self.source = origin, remaining, on_finish, source
-        self.started = time.monotonic()
-        self.answer: LlmAnswer | None = None
-        self.cost_usd = 0.0
-        self.est_tokens = 0
-        self.dlq_reason: str | None = None
-
-    def __call__(self) -> None:
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.on_finish(self)
+_Completion = Completion  # the old name, which ops/bench/glue.py measures
 
 
 class Pipeline:
