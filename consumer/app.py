@@ -23,7 +23,7 @@ from consumer.observe.meter import Meter
 from consumer.observe.wiring import observability
 from consumer.small.reload import ModelWatcher
 from consumer.small.scoring import OnnxScorer, ScoringStage
-from consumer.stream.batchlane import batch_lane
+from consumer.stream.batchlane import BatchLane
 from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)
@@ -105,12 +105,14 @@ async def run_service(
         pool = await stack.enter_async_context(LlmPool(settings.llm, drain_timeout_s=settings.service.drain_timeout_s))
         price = settings.llm.price()
         meter = Meter(price, settings.llm.max_completion_tokens)
-        lane = await stack.enter_async_context(batch_lane(settings, sink, meter, pool, lambda: pipeline.halted))
-        parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens, deferrer=lane)
+        lane = BatchLane(settings, sink, meter, pool)
+        parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens,
+                      deferrer=lane.deferrer)  # fmt: skip
         pipeline = Pipeline(settings, parts)
         await stack.enter_async_context(
             observability(settings, meter, pipeline, pool, sink, model_version=lambda: scoring.scorer.version)
         )
+        await stack.enter_async_context(lane.running(lambda: pipeline.halted))
         for task in _started_since(before):
             pipeline.supervisor.watch(task, task.get_name())
         if hard_deadline:

@@ -18,6 +18,8 @@ from consumer.commands.render import percent, usd
 from consumer.sandbox.demo import DemoOptions, Snapshot, Summary, run_demo
 from consumer.sandbox.standin import parse_latency
 
+_OVERFLOW_RPM = 120
+
 
 def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
     try:
@@ -41,6 +43,11 @@ def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[fl
               help="The stand-in's answer latency, uniform in LO-HI milliseconds.")  # fmt: skip
 @click.option("--llm-rpm", type=click.IntRange(min=1), default=900, show_default=True,
               help="The stand-in's requests/minute limit (the service is configured to respect it).")  # fmt: skip
+@click.option("--lane", type=click.Choice(["online", "batch", "overflow"]), default="online", show_default=True,
+              help="llm.lane: the online pool, the Batch API at half price, or online until its backlog is full "
+                   "and then the Batch API (a small backlog; 120 RPM unless --llm-rpm is given).")  # fmt: skip
+@click.option("--batch-turnaround-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the stand-in's Batch API takes to finish a batch.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the reviews and the stand-in.")
 @click.option("--small", is_flag=True, help="A CI-sized run: 300 reviews at 100/s.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
@@ -58,6 +65,9 @@ def command(small: bool, summary_json: Path | None, verbose: bool, **given: Any)
     level = "info" if verbose else "warning"
     logs.configure(level, "auto")
     given = {key: value for key, value in given.items() if value is not None} | {"log_level": level}
+    ctx = click.get_current_context()
+    if given["lane"] == "overflow" and ctx.get_parameter_source("llm_rpm") is click.core.ParameterSource.DEFAULT:
+        given["llm_rpm"] = _OVERFLOW_RPM  # far below the uncertain rate, so the overflow shows
     options = DemoOptions.small(**given) if small else DemoOptions(**given)
     console = Console()
     with Live(console=console, auto_refresh=False, transient=False) as live:
@@ -90,7 +100,8 @@ def render_progress(s: Snapshot) -> Group:
     grid.add_row("routed", f"small model {s.small}   LLM {s.llm} ({percent(to_llm)})   DLQ {s.dlq}", "")
     saved = 1 - s.spend_usd / s.baseline_usd if s.baseline_usd > 0 else None
     grid.add_row("spend", f"{usd(s.spend_usd)} of {usd(s.baseline_usd)} all-LLM baseline (saved {percent(saved)})", "")
-    grid.add_row("LLM", f"{s.llm_requests} requests, {s.llm_429s} answered 429", f"{s.elapsed_s:5.1f} s")
+    batch = f", {s.by_batch} answered by the Batch API" if s.by_batch else ""
+    grid.add_row("LLM", f"{s.llm_requests} requests, {s.llm_429s} answered 429{batch}", f"{s.elapsed_s:5.1f} s")
     return Group(Text(f"shunt demo: {s.phase}", style="bold cyan"), grid)
 
 
@@ -143,6 +154,14 @@ def _summary_rows(s: Summary) -> list[tuple[str, str]]:
             f"{s.llm_requests} requests, {s.llm_429s} answered 429; at most {s.llm_peak_per_minute} "
             f"in any 60 s (limit {s.llm_rpm}/min)",
         ),
+        *_lane_rows(s),
         ("broker", s.broker),
         ("wall time", f"{s.wall_s:.1f} s"),
     ]
+
+
+def _lane_rows(s: Summary) -> list[tuple[str, str]]:
+    if s.lane == "online":
+        return []
+    online, batch = s.lanes.get("online", 0), s.lanes.get("batch", 0)
+    return [("lanes", f"llm.lane = {s.lane}: {online} answered online, {batch} by {s.batches} batches at half price")]

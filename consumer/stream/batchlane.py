@@ -1,4 +1,4 @@
-"""The batch lane's wiring: beside the pipeline in ``shunt run`` (:func:`batch_lane`), or alone (``shunt batch``,
+"""The batch lane's wiring: beside the pipeline in ``shunt run`` (:class:`BatchLane`), or alone (``shunt batch``,
 :func:`run_alone`). Either way the stage finishes its batches on a batch stop and leaves them to the next run
 on a halt (a signal or a failure): a restarted stage finds them by their metadata key.
 """
@@ -25,34 +25,37 @@ from consumer.stream.deferred import BatchStage
 log = structlog.get_logger(__name__)
 
 
-@contextlib.asynccontextmanager
-async def batch_lane(
-    settings: Settings, sink: KafkaSink, meter: Meter, online: OnlineLabeler | None, halted: Callable[[], bool]
-) -> AsyncIterator[Deferring]:
-    """The pipeline's hook (:data:`NO_DEFERRAL` for ``llm.lane = online``) and, with ``batch.in_service``, the
-    batch stage beside it. On exit after a batch stop the stage finishes what it has (for at most
-    ``service.batch_drain_timeout_s``); after a halt (``halted()``, or an error) it stops at once and leaves
-    the batches in flight to the next run."""
-    if settings.llm.lane == "online":
-        yield NO_DEFERRAL
-        return
-    deferrer = Deferrer(settings, sink)
-    if not settings.batch.in_service:
-        yield deferrer
-        return
-    stop = asyncio.Event()
-    async with BatchApi(settings.llm) as api:
-        stage = BatchStage(settings, sink, meter, api, online)
-        task = asyncio.create_task(stage.run(stop), name="batch-stage")
-        try:
-            yield deferrer
-        except BaseException:
-            stop.set()
-            await asyncio.wait([task])
-            raise
-        if halted():
-            stop.set()
-        await finish(stage, task, stop, settings.service.batch_drain_timeout_s)
+class BatchLane:
+    """The pipeline's hook (:attr:`deferrer`: :data:`NO_DEFERRAL` for ``llm.lane = online``) and, with
+    ``batch.in_service``, the batch stage beside the pipeline (:meth:`running`)."""
+
+    def __init__(self, settings: Settings, sink: KafkaSink, meter: Meter, online: OnlineLabeler | None) -> None:
+        self._s, self._sink, self._meter, self._online = settings, sink, meter, online
+        self.deferrer: Deferring = NO_DEFERRAL if settings.llm.lane == "online" else Deferrer(settings, sink)
+
+    @contextlib.asynccontextmanager
+    async def running(self, halted: Callable[[], bool]) -> AsyncIterator[BatchStage | None]:
+        """Run the stage for the life of the block. On exit after a batch stop it finishes what it has (for
+        at most ``service.batch_drain_timeout_s``); after a halt (``halted()``, or an error) it stops at once
+        and leaves the batches in flight to the next run. Entered after the metrics emitter, so the final
+        metrics window counts what the stage published while finishing."""
+        settings = self._s
+        if settings.llm.lane == "online" or not settings.batch.in_service:
+            yield None
+            return
+        stop = asyncio.Event()
+        async with BatchApi(settings.llm) as api:
+            stage = BatchStage(settings, self._sink, self._meter, api, self._online)
+            task = asyncio.create_task(stage.run(stop), name="batch-stage")
+            try:
+                yield stage
+            except BaseException:
+                stop.set()
+                await asyncio.wait([task])
+                raise
+            if halted():
+                stop.set()
+            await finish(stage, task, stop, settings.service.batch_drain_timeout_s)
 
 
 async def finish(stage: BatchStage, task: asyncio.Task[None], stop: asyncio.Event, limit_s: float | None) -> None:

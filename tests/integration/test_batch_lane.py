@@ -152,7 +152,8 @@ def test_overflow_keeps_the_online_rpm_busy_and_batches_the_rest(
     results, elapsed, proc = run_overflow_or_online(topics, tmp_path, standin, "overflow", rows, rpm)
     assert {r["id"] for r in results} == {r["id"] for r in rows}
     paths = Counter((r.get("lane", "online"), r["source"]) for r in results)
-    assert paths[("batch", "large")] > 0 and paths[("online", "large")] == stats(standin)["answered"]
+    cached = sum(1 for r in results if r.get("lane", "online") == "online" and r["llm"] and r["llm"]["cached"])
+    assert paths[("batch", "large")] > 0 and paths[("online", "large")] == stats(standin)["answered"] + cached
     used = rpm_used(results, rpm)
     spans = paused_spans(proc.log())
     overflow_cost = sum(r["cost_usd"] for r in results)
@@ -194,9 +195,25 @@ def test_a_separate_batch_stage_answers_expired_and_failed_items_online_and_lose
     retried = counters["batch_items_failed"] + counters["batch_items_expired"]
     paths = Counter((r.get("lane", "online"), r["source"]) for r in results)
     assert retried > 0 and paths[("online", "large")] == retried, (paths, counters)
-    cached = sum(1 for r in results if r.get("lane") == "online" and r["llm"] and r["llm"]["cached"])
+    cached = sum(1 for r in results if r.get("lane", "online") == "online" and r["llm"] and r["llm"]["cached"])
     assert counters["answered"] == retried - cached  # identical texts share the online pool's answer
     assert paths[("batch", "large")] == counters["batch_requests"] - retried
     report(f"separate shunt batch: {counters['batches_created']} batches, {counters['batches_expired']} expired; "
            f"{counters['batch_items_failed']} failed and {counters['batch_items_expired']} expired items answered "
            f"online, {paths[('batch', 'large')]} by batches, 0 lost")  # fmt: skip
+
+
+def test_the_demo_shows_the_overflow(report: Callable[[str], None], tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    demo = Process(
+        [sys.executable, "-m", "consumer", "demo", "--bootstrap", kafka.bootstrap(), "--lane", "overflow",
+         "--reviews", "800", "--rate", "100", "--summary-json", str(summary_path)],
+        service_env(), tmp_path / "demo.log",
+    )  # fmt: skip
+    assert demo.wait(150) == 0, demo.log()[-3000:]
+    summary = orjson.loads(summary_path.read_bytes())
+    assert summary["labelled"] == 800 and summary["lane"] == "overflow"
+    assert summary["lanes"]["online"] > 0 and summary["lanes"]["batch"] > 0 and summary["batches"] > 0
+    assert "by " in demo.log() and "batches at half price" in demo.log()
+    report(f"shunt demo --lane overflow: {summary['lanes']} LLM answers by lane, {summary['batches']} batches, "
+           f"paid {summary['money']['cost_ratio']:.1%} of the all-LLM baseline")  # fmt: skip

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from consumer.config import Settings, load_settings
 from consumer.errors import ShuntError
@@ -14,6 +14,7 @@ from consumer.small.scoring import REQUIRED_FILES
 
 _SMALL_REVIEWS = 300
 _SMALL_RATE = 100.0
+_OVERFLOW_HIGH_WATER = 40  # a small online backlog, so the demo's overflow starts within seconds
 # Tansu answers a fetch only after about fetch.wait.max.ms, even when records are waiting (measured: with
 # librdkafka's 500 ms default a small-path review took ~200 ms end to end; with 50 ms, ~16 ms).
 FETCH_WAIT_MS = 50
@@ -39,6 +40,8 @@ class DemoOptions:
     partitions: int = 3
     drain_timeout_s: float = 3.0  # a Ctrl-C should end the demo in seconds
     log_level: str = "warning"
+    lane: Literal["online", "batch", "overflow"] = "online"
+    batch_turnaround_s: float = 5.0  # the stand-in's Batch API answers this long after a batch is created
 
     @classmethod
     def small(cls, **given: Any) -> DemoOptions:
@@ -55,16 +58,16 @@ class Topics:
     dlq: str
     metrics: str
     distill: str
+    deferred: str
 
     @classmethod
     def for_run(cls, run_id: str) -> Topics:
         prefix = f"demo-{run_id}."
-        return cls(
-            *(prefix + n for n in ("reviews", "reviews.labeled", "reviews.dlq", "shunt.metrics", "reviews.distill"))
-        )
+        names = ("reviews", "reviews.labeled", "reviews.dlq", "shunt.metrics", "reviews.distill", "reviews.deferred")
+        return cls(*(prefix + n for n in names))
 
     def partitions(self, input_partitions: int) -> dict[str, int]:
-        many = (self.input, self.output)
+        many = (self.input, self.output, self.deferred)
         return {name: input_partitions if name in many else 1 for name in asdict(self).values()}
 
 
@@ -112,7 +115,9 @@ def demo_settings(run: RunInfo, llm_url: str) -> Settings:
             "api_key_file": None,
             "rpm": options.llm_rpm,
             "tpm": options.llm_rpm * 1000,
+            "lane": options.lane,
         },
+        "batch": {"max_wait_s": 1.0, "poll_interval_s": 0.5, "max_requests": 1_000},
         "admin": {"port": 0},
         "metrics": {"interval_s": 2.0},
         "service": {
@@ -122,6 +127,8 @@ def demo_settings(run: RunInfo, llm_url: str) -> Settings:
     }
     if options.threshold is not None:
         overrides["router"] = {"threshold": options.threshold}
+    if options.lane == "overflow":
+        overrides["llm"] |= {"queue_high_water": _OVERFLOW_HIGH_WATER, "queue_low_water": _OVERFLOW_HIGH_WATER // 2}
     return load_settings(None, overrides)
 
 

@@ -191,4 +191,5 @@ class Demo:
             llm_requests=stats["requests"],
             llm_429s=stats["rate_limited_sent"],
             elapsed_s=time.monotonic() - self.run_info.started,
+            by_batch=tally.lanes["batch"],
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from consumer.observe.meter import ratio, shunt_rate
@@ -41,6 +41,7 @@ class Snapshot:
     llm_requests: int
     llm_429s: int
     elapsed_s: float
+    by_batch: int = 0  # LLM answers that came from the batch lane
 
 
 class View(Protocol):
@@ -94,6 +95,9 @@ class Summary:
     model_version: str | None
     llm_accuracy: tuple[float, float]
     service_totals: dict[str, Any] | None
+    lane: str = "online"
+    lanes: dict[str, int] = field(default_factory=dict)  # LLM answers by lane (online pool, Batch API)
+    batches: int = 0  # batches the stand-in's Batch API was sent
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,4 +149,7 @@ def summarise(tally: Tally, run: RunInfo, llm_stats: Mapping[str, Any]) -> Summa
         model_version=tally.model_version,
         llm_accuracy=(options.llm_accuracy, options.llm_hard_accuracy),
         service_totals=tally.service_totals,
+        lane=options.lane,
+        lanes=dict(tally.lanes),
+        batches=int(llm_stats.get("batches_created", 0)),
     )

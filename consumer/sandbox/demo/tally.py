@@ -43,7 +43,9 @@ def write_labels(reviews: Sequence[SyntheticReview], path: Path) -> Path:
 
 
 def standin_config(options: DemoOptions, labels: Path) -> StandinConfig:
-    faults = Faults(latency_ms=options.llm_latency_ms, rpm=options.llm_rpm)
+    faults = Faults(
+        latency_ms=options.llm_latency_ms, rpm=options.llm_rpm, batch_turnaround_s=options.batch_turnaround_s
+    )
     return StandinConfig(
         policy="oracle",
         labels=labels,
@@ -71,6 +73,7 @@ class Tally:
     dlq: int = 0
     duplicates: int = 0
     sources: Counter[str] = field(default_factory=Counter)
+    lanes: Counter[str] = field(default_factory=Counter)  # LLM answers by the lane that gave them
     correct: Counter[str] = field(default_factory=Counter)
     llm_checked: int = 0
     llm_as_predicted: int = 0
@@ -91,6 +94,8 @@ class Tally:
         self.seen.add(review.id)
         self.labelled += 1
         self.sources[source] += 1
+        if source == "large":
+            self.lanes[str(message.get("lane", "online"))] += 1
         self.model_version, self.threshold = message.get("model_version"), message.get("threshold")
         self.correct["small"] += message["small"]["label"] == review.label
         self.correct["shunt"] += message["label"] == review.label
