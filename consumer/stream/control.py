@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from consumer.stream.risk import Interval, clopper_pearson, risk_threshold
+from consumer.stream.risk import Interval, clopper_pearson, clopper_pearson_lower, min_support, risk_threshold
 
 Clock = Callable[[], float]
 
@@ -114,7 +114,10 @@ class AdaptiveThreshold:
 
     Every ``every`` new samples the target tau is recomputed over the last ``window`` samples; the tau in
     force moves towards it by at most ``step``, and only when the gap exceeds ``hysteresis``. With no
-    certified tau the target is the ceiling (send nearly everything uncertain to the LLM)."""
+    certified tau the target is the ceiling (send nearly everything uncertain to the LLM) — once the window
+    holds enough samples for the rule to certify anything (:func:`~consumer.stream.risk.min_support`).
+    Before that, lack of evidence is not evidence: the tau in force stays unless the samples at or above it
+    refute it (the lower bound on their error is above ``max_error``), which sends it towards the ceiling."""
 
     def __init__(
         self,
@@ -142,15 +145,21 @@ class AdaptiveThreshold:
         self._since = 0
         return self._recompute()
 
+    def refuted(self) -> bool:
+        """The samples at or above the tau in force show, surely, an error above ``max_error``."""
+        above = [s.agreed for s in self._samples if s.confidence >= self.tau]
+        return clopper_pearson_lower(len(above) - sum(above), len(above), 1.0 - self._risk) > self._max_error
+
     def _recompute(self) -> ThresholdMove | None:
         choice = risk_threshold(
             [s.confidence for s in self._samples], [s.agreed for s in self._samples], self._max_error, self._risk
         )
-        target = (
-            self._bounds[1]
-            if choice.threshold is None
-            else min(max(choice.threshold, self._bounds[0]), self._bounds[1])
-        )
+        if choice.threshold is not None:
+            target = min(max(choice.threshold, self._bounds[0]), self._bounds[1])
+        elif len(self._samples) >= min_support(self._max_error, 1.0 - self._risk) or self.refuted():
+            target = self._bounds[1]
+        else:
+            return None
         gap = target - self.tau
         if abs(gap) <= self._hysteresis:
             return None

@@ -94,3 +94,13 @@ def test_a_billed_price_above_the_estimate_is_counted_against_the_window() -> No
     assert not cap.admit(0.001) and cap.pressure() > 1
     clock.now += 10.0
     assert cap.admit(0.001)
+
+
+def test_with_few_samples_the_adaptive_threshold_holds_until_they_refute_it() -> None:
+    control = AdaptiveThreshold(0.9, max_error=0.03, risk_confidence=0.95, window=200, every=10, step=0.02)
+    for i in range(40):  # 40 samples, all agreeing: too few to certify a lower tau, nothing refutes this one
+        assert control.add(AuditSample(0.95 + (i % 5) / 100, True)) is None
+    moves = [control.add(AuditSample(0.95, i % 3 != 0)) for i in range(30)]  # a third disagree at tau 0.95
+    rises = [m for m in moves if m is not None]
+    assert rises and all(m.reason == "risk_up" and m.new - m.old <= 0.02 + 1e-9 for m in rises)
+    assert control.tau > 0.9 and control.refuted()
