@@ -27,6 +27,7 @@ from consumer.stream.batchlane import BatchLane
 from consumer.stream.pipeline import Parts, Pipeline
 
 log = structlog.get_logger(__name__)
+_POOL_DRAIN_S = 1.0
 _FORCED_EXIT_MARGIN_S = 4.5  # the process ends within drain_timeout_s + 5 s of a signal, whatever it is doing
 
 
@@ -102,7 +103,8 @@ async def run_service(
         sink = KafkaSink(settings.kafka)
         await sink.start()
         stack.push_async_callback(sink.close, settings.service.drain_timeout_s)
-        pool = await stack.enter_async_context(LlmPool(settings.llm, drain_timeout_s=settings.service.drain_timeout_s))
+        # When the pool closes, the pipeline and the lane wait for none of its answers any more: a short drain.
+        pool = await stack.enter_async_context(LlmPool(settings.llm, drain_timeout_s=_POOL_DRAIN_S))
         price = settings.llm.price()
         meter = Meter(price, settings.llm.max_completion_tokens)
         lane = BatchLane(settings, sink, meter, pool)

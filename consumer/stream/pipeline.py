@@ -94,6 +94,7 @@ class Pipeline:
         self.assigned = asyncio.Event()
         self.supervisor = Supervisor()
         self._stop_at: float | None = None
+        self._drained = False
 
     def healthy(self) -> bool:
         """False once a part of the service died or a permanent error stopped it (``/healthz``)."""
@@ -169,6 +170,7 @@ class Pipeline:
         if self._halting(stop):
             await self._wait_until(lambda: self.tracker.in_flight() == 0, self._deadline())
         self.unfinished = self.tracker.in_flight()
+        self._drained = True
         await cancel_and_wait(self._llm_tasks)  # what is left is abandoned: not committed, so re-read after a restart
         log.info("drained", seconds=round(time.monotonic() - started, 3), abandoned=self.unfinished)
 
@@ -360,7 +362,8 @@ class Pipeline:
         log.info("input_partitions_changed", partitions=self._partitions)
 
     async def on_revoke(self, tps: list[TP]) -> dict[TP, int]:
-        deadline = time.monotonic() + self._s.service.drain_timeout_s / 2
+        # Closing (the run has drained already): what is not done now will not be, so do not wait again.
+        deadline = time.monotonic() + (0.0 if self._drained else self._s.service.drain_timeout_s / 2)
         finished = await self._wait_until(lambda: self.tracker.in_flight(tps) == 0, deadline)
         # Every watermark of the revoked partitions, not only those moved since the last store: a stored offset
         # may not be auto-committed yet, and the new owner starts from what is committed.
