@@ -13,7 +13,8 @@ with unique ids; never written anywhere but the broker) on 4 partitions, then, i
    fresh group, stopping by itself after the last review;
 3. **peer**: the Quix Streams app of :mod:`ops.bench.peer_quix` on the same topic (its own venv);
 4. **passthrough**: plain confluent-kafka consume -> produce, no model;
-5. the ceiling's best configuration once more, so a burst of someone else's load cannot favour the service.
+and the ceiling's best configuration once more just before and just after the service (the *paired* ratio:
+the same configuration under the same load as the service, reported beside the best-of-all ceiling).
 
 Rates come from the broker's LogAppendTime of each output topic (first output to last). CPU per review is
 sampled per process (the service or the peer, and the broker apart), and every figure carries the load
@@ -189,10 +190,15 @@ def summarise(
     rate = run["throughput"]["steady_per_s"]
     cpu = run["steady_cpu"]["service_us_per_review"] if run["steady_cpu"] else float("nan")
     quix_rate = quix["throughput"]["steady_per_s"] if quix else None
+    paired = [s for s in scores if s.get("pair")]  # the best configuration just before and after the service
+    paired_rate = sum(s["per_s"] for s in paired) / len(paired)
     return {
         "ceiling": ceiling,
         "service_per_s": rate,
         "service_share_of_ceiling": rate / ceiling["per_s"],
+        "paired_ceiling_per_s": paired_rate,
+        "paired_other_processes_cores": max(s["other_processes_cores"] for s in paired),
+        "service_share_of_paired": rate / paired_rate,
         "service_cpu_us_per_review": cpu,
         "service_cpu_vs_scorer": cpu / ceiling["cpu_us_per_review"],
         "peer_per_s": quix_rate,
@@ -261,6 +267,11 @@ def render(summary: dict[str, Any], run: dict[str, Any], quix: dict[str, Any] | 
     table("service / ceiling / peer / passthrough (one run, one broker)", columns, rows)
     ratio = summary["service_vs_peer"]
     console.print(
+        f"paired: the ceiling's configuration just before and after the service ran at "
+        f"{summary['paired_ceiling_per_s']:,.0f}/s (others up to {summary['paired_other_processes_cores']:.2f} cores): "
+        f"service {summary['service_share_of_paired']:.2f} of it"
+    )
+    console.print(
         f"service CPU/review {summary['service_cpu_vs_scorer']:.2f}x the scorer's; "
         f"service {'-' if ratio is None else f'{ratio:.1f}x'} the peer"
     )
@@ -287,15 +298,16 @@ def main(**options: Any) -> None:
         produce_s = produce_backlog(kafka.bootstrap, source, texts, count, options["partitions"])
         console.print(f"{count:,} reviews on {options['partitions']} partitions in {produce_s:.1f}s; ceiling sweep")
         scores = sweep(texts, options["scorer_reviews"])
+        best = ceiling_of(scores)
+        config = next(c for c in CONFIGS if c.name == best["config"])
+        scores.append(score_alone(config, texts, options["scorer_reviews"], best["batch"]) | {"pair": "before"})
         console.print("service (shunt run, default settings)")
         run = service(topics, source, count)
+        scores.append(score_alone(config, texts, options["scorer_reviews"], best["batch"]) | {"pair": "after"})
         console.print("peer (Quix Streams)" if options["peer"] else "peer skipped")
         quix = peer(topics, source, count) if options["peer"] else None
         console.print("passthrough (confluent-kafka)")
         pass_run = kafka_alone(topics, source, count)
-        best = ceiling_of(scores)
-        config = next(c for c in CONFIGS if c.name == best["config"])
-        scores.append(score_alone(config, texts, options["scorer_reviews"], best["batch"]) | {"again": True})
         profiled = profile_run(topics, source, count, Variant("default", {})) if options["profile"] else None
     summary = summarise(scores, run, quix, pass_run)
     render(summary, run, quix, pass_run)
