@@ -234,6 +234,7 @@ class ScoringStage:
         self._claim = threading.Lock()
         self._serial = threading.Lock()  # for a scorer without replica(): one thread at a time, as promised
         self._closed = False
+        self._scoring = 0  # batches being scored now (read and written on the event loop only)
         if workers > 1:
             # Each worker tokenises on its own thread; the rayon pool would split every batch over both
             # cores and make the two workers wait on each other. An explicit setting is respected.
@@ -252,8 +253,10 @@ class ScoringStage:
     async def score(self, reviews: Sequence[Review]) -> list[Scored]:
         """Score a batch on the worker threads; the whole batch uses one model, even across a swap.
 
-        A batch of at least ``workers * MIN_SPLIT`` reviews is split into one contiguous part per worker, so
-        every worker has work even when the caller awaits one batch at a time; the parts come back in order."""
+        A batch of at least ``2 * MIN_SPLIT`` reviews is split into contiguous parts, one per worker not already
+        scoring another batch, so every worker has work even when the caller awaits one batch at a time (a
+        caller that keeps several batches in flight gets one worker per batch, and fewer hand-offs); the parts
+        come back in order."""
         if self._closed:
             raise RuntimeError("ScoringStage is closed")
         if not reviews:
@@ -262,11 +265,15 @@ class ScoringStage:
         texts = [review.text for review in reviews]
         async with self._slots:
             loop = asyncio.get_running_loop()
-            parts = [
-                loop.run_in_executor(self._executor, self._predict, scorer, part)
-                for part in _split(texts, self._workers)
-            ]
-            predictions = [p for part in await asyncio.gather(*parts) for p in part]
+            idle = max(1, self._workers - self._scoring)  # a caller with batches in flight gets whole batches
+            self._scoring += 1
+            try:
+                parts = [
+                    loop.run_in_executor(self._executor, self._predict, scorer, part) for part in _split(texts, idle)
+                ]
+                predictions = [p for part in await asyncio.gather(*parts) for p in part]
+            finally:
+                self._scoring -= 1
         return list(map(Scored, reviews, predictions))
 
     def _predict(self, scorer: Scorer, texts: list[str]) -> list[Prediction]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +81,46 @@ async def test_one_large_batch_is_split_over_the_workers_and_comes_back_in_order
         stage.close()
     assert [s.review.id for s in scored] == [f"r{i}" for i in range(2 * MIN_SPLIT + 1)]
     assert len(made) == 1
+
+
+class Gate:
+    """Replicable; records each call's size and holds every call until released."""
+
+    def __init__(self, sizes: list[int], release: threading.Event) -> None:
+        self.version, self.labels = "g", ("negative", "positive")
+        self.sizes, self.release = sizes, release
+
+    def replica(self) -> Gate:
+        return Gate(self.sizes, self.release)
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        self.sizes.append(len(texts))
+        assert self.release.wait(10), "the test never released the scorer"
+        return [Prediction("positive", 0.9, {"negative": 0.1, "positive": 0.9}, self.version) for _ in texts]
+
+
+async def test_a_batch_sent_while_another_is_scoring_goes_whole_to_one_worker() -> None:
+    sizes: list[int] = []
+    release = threading.Event()
+    stage = ScoringStage(Gate(sizes, release), workers=2)
+    try:
+        first = asyncio.create_task(stage.score(reviews(["a"] * 40)))
+        await asyncio.to_thread(lambda: _until(lambda: len(sizes) == 2))  # both halves of the first are running
+        second = asyncio.create_task(stage.score(reviews(["b"] * 40, 40)))
+        await asyncio.sleep(0)  # one loop step: the task runs up to run_in_executor (its split is decided)
+        release.set()
+        done = await first + await second
+    finally:
+        stage.close()
+    assert sorted(sizes[:2]) == [20, 20] and sizes[2:] == [40]
+    assert [s.review.id for s in done] == [f"r{i}" for i in range(80)]
+
+
+def _until(condition: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in 10 s"
+        threading.Event().wait(0.005)
 
 
 def test_split_keeps_order_and_never_makes_a_part_below_the_minimum() -> None:
