@@ -111,8 +111,9 @@ async def run_service(
         parts = Parts(sink=sink, scoring=scoring, llm=pool, meter=meter, estimate=estimate_prompt_tokens,
                       deferrer=lane.deferrer)  # fmt: skip
         pipeline = Pipeline(settings, parts)
+        version = lambda: scoring.scorer.version  # noqa: E731
         await stack.enter_async_context(
-            observability(settings, meter, pipeline, pool, sink, model_version=lambda: scoring.scorer.version)
+            observability(settings, meter, pipeline, pool, sink, model_version=version, loop=pipeline.loop)
         )
         await stack.enter_async_context(lane.running(lambda: pipeline.halted))
         for task in _started_since(before):

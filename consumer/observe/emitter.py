@@ -20,6 +20,7 @@ from consumer import contracts
 from consumer.kafka.sink import Outgoing
 from consumer.observe.meter import Window, cost_ratio, shunt_rate
 from consumer.observe.probe import Probe, Reading, ServiceInfo
+from consumer.observe.rates import now_block
 
 log = structlog.get_logger(__name__)
 _FINAL_ACK_TIMEOUT_S = 10.0
@@ -34,7 +35,7 @@ def metrics_message(
 ) -> dict[str, Any]:
     """One metrics.v1 message from a closed window and the state read at its end."""
     totals = closed.totals
-    return {
+    message = {
         "schema_version": "metrics.v1",
         "instance_id": info.instance_id,
         "group_id": info.group_id,
@@ -54,7 +55,11 @@ def metrics_message(
         "model_version": reading.model_version or "unknown",
         "prompt_version": info.prompt_version,
         "llm_model": info.llm_model,
+        "now": now_block(closed.window, (span_ms[1] - span_ms[0]) / 1000, reading.loop),
     }
+    if reading.loop is not None:
+        message |= {"loop": reading.loop, "threshold": reading.loop["threshold"]}  # the tau in force
+    return message
 
 
 class MetricsEmitter:

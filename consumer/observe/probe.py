@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from consumer.config import Settings
 from consumer.kafka.sink import OnDelivered, Outgoing
@@ -70,6 +70,12 @@ ModelVersion = Callable[[], str | None]
 """The loaded small model's version, or None while none is loaded."""
 
 
+class LoopView(Protocol):
+    """The closed loop (:class:`consumer.stream.loop.ClosedLoop`): its ``loop`` block of metrics.v1."""
+
+    def report(self, close_window: bool) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class ServiceInfo:
     """What identifies an instance and its configuration in every metrics message."""
@@ -103,6 +109,7 @@ class Reading:
     queues: dict[str, int]
     lag: dict[str, int]
     model_version: str | None
+    loop: dict[str, Any] | None = None  # the closed loop's block (audits, agreement, tau, budget)
 
 
 class Probe:
@@ -117,8 +124,9 @@ class Probe:
         sink: SinkView,
         *,
         model_version: ModelVersion,
+        loop: LoopView | None = None,
     ) -> None:
-        self.info, self.meter, self.sink = info, meter, sink
+        self.info, self.meter, self.sink, self.loop = info, meter, sink, loop
         self._pipeline, self._pool, self._model_version = pipeline, pool, model_version
         self._last_lag: dict[str, int] = {}
         self._unacked: dict[int, float] = {}  # metrics message seq -> monotonic time it was handed over
@@ -131,14 +139,16 @@ class Probe:
     def read(self) -> Reading:
         """The running totals and the state around them, without closing the window."""
         stats = self._pool.stats()
-        return replace(self._state(stats), totals=self.meter.peek(stats))
+        loop = None if self.loop is None else self.loop.report(close_window=False)
+        return replace(self._state(stats), totals=self.meter.peek(stats), loop=loop)
 
     def close_window(self) -> tuple[Window, Reading]:
         """Close the meter's window and read the state at its end."""
         stats = self._pool.stats()
         state = self._state(stats)  # first: should a read fail, no window is lost
         window = self.meter.close(stats)
-        return window, replace(state, totals=window.totals)
+        loop = None if self.loop is None else self.loop.report(close_window=True)
+        return window, replace(state, totals=window.totals, loop=loop)
 
     def _state(self, stats: PoolStatsView) -> Reading:
         return Reading(

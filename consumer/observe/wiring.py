@@ -19,7 +19,7 @@ from consumer.config import Settings
 from consumer.observe.emitter import MetricsEmitter
 from consumer.observe.http import AdminServer
 from consumer.observe.meter import Meter
-from consumer.observe.probe import ModelVersion, PipelineView, PoolView, Probe, ServiceInfo, SinkView
+from consumer.observe.probe import LoopView, ModelVersion, PipelineView, PoolView, Probe, ServiceInfo, SinkView
 
 _MIN_STALE_S = 15.0
 
@@ -42,9 +42,11 @@ async def observability(
     sink: SinkView,
     *,
     model_version: ModelVersion,
+    loop: LoopView | None = None,
 ) -> AsyncIterator[Observability]:
     """Start the admin server (if enabled) and the metrics emitter; stop the emitter first, with its final window."""
-    probe = Probe(ServiceInfo.from_settings(settings), meter, pipeline, pool, sink, model_version=model_version)
+    info = ServiceInfo.from_settings(settings)
+    probe = Probe(info, meter, pipeline, pool, sink, model_version=model_version, loop=loop)
     interval = settings.metrics.interval_s
     async with contextlib.AsyncExitStack() as stack:
         admin = None

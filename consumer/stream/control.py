@@ -174,11 +174,16 @@ class SpendCap:
     window's allowance plus one request's price.
 
     A request is admitted while the spend of the last ``window_s`` seconds is under the allowance; its
-    estimated price counts at once and is corrected to the billed price when the answer comes."""
+    estimated price counts at once and is corrected to the billed price when the answer comes. ``margin_s``
+    keeps each admission in the window that long more (the allowance stays ``window_s``'s): spend is seen
+    when its answer is delivered, up to an LLM latency after the admission, so any ``window_s`` of
+    deliveries still holds at most the allowance plus one request."""
 
-    def __init__(self, usd_per_hour: float, window_s: float, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, usd_per_hour: float, window_s: float, clock: Clock = time.monotonic, *, margin_s: float = 0.0
+    ) -> None:
         self.allowance = usd_per_hour * window_s / 3600.0
-        self._window_s, self._clock = window_s, clock
+        self._window_s, self._clock = window_s + margin_s, clock
         self._log: deque[tuple[float, float]] = deque()
         self._spent = 0.0
 
@@ -195,15 +200,17 @@ class SpendCap:
         """Spent / allowance over the window: above 1 the cap binds."""
         return self.spent() / self.allowance if self.allowance > 0 else float("inf")
 
-    def admit(self, estimate_usd: float) -> bool:
-        """Admit one request (its estimate counts now) unless the window's allowance is used up."""
+    def admit(self, estimate_usd: float, *, force: bool = False) -> bool:
+        """Admit one request (its estimate counts now) unless the window's allowance is used up; ``force``
+        counts it whatever the window holds (the risk rule wins) and says whether it was within the cap."""
         now = self._clock()
         self._trim(now)
-        if self._spent >= self.allowance:
+        within = self._spent < self.allowance
+        if not (within or force):
             return False
         self._log.append((now, estimate_usd))
         self._spent += estimate_usd
-        return True
+        return within
 
     def correct(self, estimate_usd: float, billed_usd: float) -> None:
         """The answer's bill is known: count the difference now (it stays in the window for its length)."""

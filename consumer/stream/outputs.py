@@ -117,10 +117,10 @@ def dlq(
     return letter
 
 
-def distill(scored: Scored, answer: LlmAnswer) -> dict[str, Any]:
-    """An LLM answer kept as a training label for the small model (L4S)."""
+def distill(scored: Scored, answer: LlmAnswer, *, audit: bool = False) -> dict[str, Any]:
+    """An LLM answer kept as a training label for the small model (L4S); ``audit``: a shadow request's."""
     prediction = scored.prediction
-    return {
+    record = {
         "schema_version": "distill.v1",
         "id": scored.review.id,
         "text": scored.review.text,
@@ -133,6 +133,7 @@ def distill(scored: Scored, answer: LlmAnswer) -> dict[str, Any]:
         "prompt_version": answer.prompt_version,
         "created_at_ms": _now_ms(),
     }
+    return record | {"audit": True} if audit else record
 
 
 # -- dead letters that always fit ----------------------------------------------------------------------------

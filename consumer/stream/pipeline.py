@@ -30,6 +30,7 @@ from consumer.stream import outputs
 from consumer.stream.completion import Completion
 from consumer.stream.decoding import decode
 from consumer.stream.deferral import NO_DEFERRAL, Deferring
+from consumer.stream.loop import ClosedLoop
 from consumer.stream.offsets import OffsetTracker
 from consumer.stream.routing import Route, on_give_up, route
 from consumer.stream.supervisor import Supervisor
@@ -42,9 +43,13 @@ _SCORE_QUEUE = 4
 class Labeler(Protocol):
     """The LLM pool as the pipeline sees it."""
 
-    async def label(self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l") -> LlmOutcome: ...
+    async def label(
+        self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l", *, audit: bool = False
+    ) -> LlmOutcome: ...
 
     def backlog(self) -> int: ...
+
+    def audit_backlog(self) -> int: ...
 
     def backlog_bytes(self) -> int: ...
 
@@ -93,6 +98,8 @@ class Pipeline:
         self.unfinished = 0  # messages read but not done when the run ended: read again after a restart
         self.assigned = asyncio.Event()
         self.supervisor = Supervisor()
+        self.loop = ClosedLoop(settings, pool=parts.llm, sink=parts.sink, meter=parts.meter,
+                               watch=self.supervisor.watch_errors, estimate=parts.estimate)  # fmt: skip
         self._stop_at: float | None = None
         self._drained = False
 
@@ -132,6 +139,7 @@ class Pipeline:
         finally:
             await self._end_scoring(scorer, stop)
             await self._drain(stop)
+            await self.loop.close(self._deadline() - time.monotonic())  # audits: done reviews, bounded wait
             await cancel_and_wait([storer])
             await self.supervisor.close()
             await self._finish()
@@ -268,10 +276,11 @@ class Pipeline:
                 await self._dispatch(scored)
 
     async def _dispatch(self, scored: Scored) -> None:
-        if route(scored, self._s.router.threshold) is Route.SMALL:
+        if route(scored, self.loop.threshold()) is Route.SMALL:
             done = _Completion(scored.review.origin, 1, self._finish_one, "small")
             done.est_tokens = self._estimate(scored.review.text)
             await self._publish_labeled(scored, None, done)
+            self.loop.on_small(scored)  # perhaps an audit, in the background: it holds no offset
             return
         if self._deferrer.takes(self._llm.backlog()):  # done once the deferred record is delivered
             return await self._deferrer.defer(scored, _Completion(scored.review.origin, 1, self._finish_one))
@@ -282,7 +291,7 @@ class Pipeline:
 
     async def _ask_llm(self, scored: Scored) -> None:
         started = time.monotonic()
-        outcome = await self._llm.label(scored)
+        outcome = await self.loop.label(scored)  # the spend cap may answer "budget" at once
         origin = scored.review.origin
         if isinstance(outcome, LlmAnswer):
             distill = not outcome.cached
@@ -304,7 +313,7 @@ class Pipeline:
 
     # -- publish ---------------------------------------------------------------------------------------
     async def _publish_labeled(self, scored: Scored, outcome: LlmOutcome | None, done: _Completion) -> None:
-        message = outputs.labeled(scored, outcome, self._s.router.threshold, self._s.metrics.instance_id)
+        message = outputs.labeled(scored, outcome, self.loop.in_force, self._s.metrics.instance_id)
         headers = (*scored.review.origin.headers, ("shunt-source", str(message["source"]).encode()))
         out = Outgoing(self._s.topics.output, scored.review.id, contracts.dumps(message), headers)
         await self._sink.publish(out, done)
