@@ -8,8 +8,9 @@ from typing import Any, cast
 
 import pytest
 from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewPartitions
 
-from consumer.config import KafkaConfig, Settings
+from consumer.config import KafkaConfig, Settings, TopicsConfig
 from consumer.kafka.source import KafkaSource
 from consumer.records import TopicPartition as TP
 from consumer.stream.pipeline import Parts, Pipeline
@@ -108,3 +109,36 @@ async def test_a_partition_revoked_while_paused_is_fetched_again_when_it_comes_b
         assert sorted(m.partition() for m in got) == [0] * 10 + [1] * 10
     finally:
         await source.close()
+
+
+class _ShareRecorder:
+    def __init__(self) -> None:
+        self.shares: list[float] = []
+
+    def set_share(self, fraction: float) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"share must be in (0, 1], got {fraction!r}")  # as the rate limiter says
+        self.shares.append(fraction)
+
+
+@pytest.mark.kafka
+async def test_partitions_added_to_the_input_topic_change_the_llm_share(
+    topics: kafka.Topics, kafka_admin: AdminClient
+) -> None:
+    topic = topics.make("in", partitions=2)
+    settings = Settings(
+        kafka=KafkaConfig(bootstrap_servers=kafka.bootstrap(), group_id=kafka.unique("g")),
+        topics=TopicsConfig(input=topic),
+    )
+    llm, unused = _ShareRecorder(), cast(Any, None)
+    pipeline = Pipeline(settings, Parts(sink=unused, scoring=unused, llm=cast(Any, llm), meter=unused, estimate=len))
+    pipeline._partitions = 2  # what run() counted at start
+    await pipeline.on_assign([(topic, 0)])
+    assert llm.shares == [0.5]
+    kafka_admin.create_partitions([NewPartitions(topic, 4)])[topic].result(timeout=30)
+    kafka.wait_for(lambda: len(kafka_admin.list_topics(topic, timeout=5).topics[topic].partitions) == 4, 30, "4")
+    await pipeline.on_assign([(topic, 1), (topic, 2), (topic, 3)])  # more partitions than it knew of
+    assert llm.shares[-1] == 1.0 and pipeline._partitions == 4
+    await pipeline.on_revoke([(topic, 2), (topic, 3)])
+    assert llm.shares[-1] == 0.5
+    await pipeline.source.close()
