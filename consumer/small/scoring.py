@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import onnxruntime as ort
 import structlog
 from tokenizers import Tokenizer
 
+from consumer.aio import cancel_and_wait
 from consumer.errors import ModelLoadError
 from consumer.records import Prediction, Review, Scored
 from consumer.small import loading
@@ -275,6 +276,36 @@ class ScoringStage:
             finally:
                 self._scoring -= 1
         return list(map(Scored, reviews, predictions))
+
+    async def each(
+        self,
+        batches: asyncio.Queue[list[Review] | None],
+        handle: Callable[[list[Scored]], Awaitable[None]],
+        ahead: int = 2,
+    ) -> None:
+        """Score every batch from ``batches`` until a None and ``handle`` each, in order, while up to ``ahead``
+        later batches are already scoring: the workers never wait for ``handle`` (routing, publishing)."""
+        ready: asyncio.Queue[asyncio.Task[list[Scored]] | None] = asyncio.Queue(ahead)
+        feeder = asyncio.create_task(self._feed(batches, ready), name="score-feed")
+        try:
+            while (scoring := await ready.get()) is not None:
+                await handle(await scoring)
+        finally:  # an error or a cancel: every task made here is cancelled and awaited
+            await cancel_and_wait([feeder])
+            left = [ready.get_nowait() for _ in range(ready.qsize())]
+            await cancel_and_wait([task for task in left if task is not None])
+
+    async def _feed(
+        self, batches: asyncio.Queue[list[Review] | None], ready: asyncio.Queue[asyncio.Task[list[Scored]] | None]
+    ) -> None:
+        while (batch := await batches.get()) is not None:
+            scoring = asyncio.create_task(self.score(batch), name="score-batch")
+            try:
+                await ready.put(scoring)
+            except asyncio.CancelledError:  # cancelled while waiting for room: this task is nobody else's
+                await cancel_and_wait([scoring])
+                raise
+        await ready.put(None)
 
     def _predict(self, scorer: Scorer, texts: list[str]) -> list[Prediction]:
         """On a worker thread: score on this thread's replica of ``scorer``."""
