@@ -1,17 +1,21 @@
 """A fetched Kafka message as the rest of the service sees it: its :class:`~consumer.records.Origin`.
 
 Reading a message never raises. confluent-kafka decodes header keys as strict UTF-8 when ``headers()`` is
-first called; a key that is not UTF-8 makes that call fail (``UnicodeDecodeError``, or since 2.1x a
-``SystemError`` whose cause it is) after the client has already freed librdkafka's copy of the headers, and
-a second call returns a list holding a C NULL where the key should be, which must never be touched. So the
-headers are read exactly once; on failure the message gets a :class:`DamagedOrigin` carrying the raw bytes
-of the key that failed (the error's ``object``; librdkafka keys are C strings, so a key is cut at its first
-NUL byte), and everything else about its headers is unrecoverable from the Python client. The decoder turns
-a damaged origin into an ``invalid_header`` dead letter that keeps the value, the key and those bytes.
+first called. A key that is not UTF-8 makes that call fail (a ``SystemError`` whose cause is the
+``UnicodeDecodeError``) after the client has freed librdkafka's copy of the headers; a second call returns a
+list holding a C NULL where the key should be, which must never be touched. Worse, once CPython 3.11+ has
+specialised the call site ``message.headers()``, the call does not raise: it returns that list with the
+decode error still pending, and the error surfaces at some later bytecode. So the headers are read exactly
+once, through :func:`operator.methodcaller` (a C-API call, which always raises a pending error at the call).
+On failure the message gets a :class:`DamagedOrigin` carrying the raw bytes of the key that failed (the
+error's ``object``; librdkafka keys are C strings, so a key is cut at its first NUL byte); the other headers
+and their values cannot be recovered from the Python client. The decoder turns a damaged origin into an
+``invalid_header`` dead letter that keeps the value, the key and those bytes.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +24,7 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 from consumer.records import Origin
 
 __all__ = ["DamagedOrigin", "Message", "origin_of"]
+_READ_HEADERS = operator.methodcaller("headers")  # never `message.headers()`: see the module docstring
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +47,11 @@ def origin_of(message: Message) -> Origin:
         "timestamp_ms": None if kind == TIMESTAMP_NOT_AVAILABLE else stamp,
     }
     try:
-        raw = message.headers()
+        headers = _headers(_READ_HEADERS(message))
     except (UnicodeDecodeError, SystemError) as exc:
         problem, raw_key = _header_failure(exc)
         return DamagedOrigin(**fields, problem=problem, raw_header_key=raw_key)
-    return Origin(**fields, headers=_headers(raw))
+    return Origin(**fields, headers=headers)
 
 
 def _header_failure(exc: BaseException) -> tuple[str, bytes | None]:
