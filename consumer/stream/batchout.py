@@ -8,6 +8,7 @@ or a dead letter). Either way the deferred offset is done only once every messag
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Literal, Protocol
@@ -65,6 +66,11 @@ def batch_answer(result: ItemResult, prompt: Prompt, model: str, price: PriceCon
         completion_tokens=usage.completion_tokens, cost_usd=cost * factor, latency_ms=0.0,
         prompt_version=prompt.version,
     )  # fmt: skip
+
+
+def shared_answer(answer: LlmAnswer) -> LlmAnswer:
+    """The answer of an identical review in the same batch: the same label, paid for once (by that one)."""
+    return dataclasses.replace(answer, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, cached=True)
 
 
 def billed(result: ItemResult | None, price: PriceConfig, factor: float) -> float:

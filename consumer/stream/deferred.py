@@ -32,11 +32,12 @@ from consumer.kafka.message import Message
 from consumer.kafka.sink import KafkaSink
 from consumer.kafka.source import KafkaSource
 from consumer.llm.batch import GROUP_FIELD, KEY_FIELD, BatchApi, BatchInfo, ItemResult, parse_results, request_file
+from consumer.llm.cache import CacheKey, cache_key
 from consumer.llm.client import LlmClient
 from consumer.llm.prompting import Prompt, build_prompt
 from consumer.observe.meter import Meter
 from consumer.records import TopicPartition as TP
-from consumer.stream.batchout import BatchPublisher, OnlineLabeler, batch_answer, billed
+from consumer.stream.batchout import BatchPublisher, OnlineLabeler, batch_answer, billed, shared_answer
 from consumer.stream.deferral import Deferred, batch_key, parse_key, read_deferred
 from consumer.stream.offsets import OffsetTracker
 
@@ -210,7 +211,7 @@ class BatchStage:
 
     # -- one batch, from upload to published -----------------------------------------------------------
     async def _lifecycle(self, chunk: Chunk) -> None:
-        prompts = {item.custom_id: self._prompt(item) for item in chunk.items}
+        prompts, owners = self._requests(chunk.items)
         info = chunk.info
         try:
             if info is None:
@@ -220,7 +221,21 @@ class BatchStage:
         except PermanentLlmError as exc:
             log.error("batch_refused", key=chunk.key, error=str(exc))
             info, results = None, {}
-        await self._publish(chunk, info, results, prompts)
+        await self._publish(chunk, info, results, prompts, owners)
+
+    def _requests(self, items: list[Deferred]) -> tuple[dict[str, Prompt], dict[str, str]]:
+        """One request per distinct prompt, as the online cache would have it: the requests by custom_id, and
+        for each item the custom_id whose answer it takes (the same after a restart: items come in order)."""
+        requests: dict[str, Prompt] = {}
+        first: dict[CacheKey, str] = {}
+        owners: dict[str, str] = {}
+        for item in items:
+            prompt = self._prompt(item)
+            key = cache_key(item.scored.review.text, prompt.version, self._s.llm.model, prompt.allowed_labels)
+            owner = owners[item.custom_id] = first.setdefault(key, item.custom_id)
+            if owner == item.custom_id:
+                requests[owner] = prompt
+        return requests, owners
 
     def _prompt(self, item: Deferred) -> Prompt:
         llm = self._s.llm  # the online pool's S4L prompt, built the same way
@@ -266,18 +281,25 @@ class BatchStage:
         return results
 
     async def _publish(
-        self, chunk: Chunk, info: BatchInfo | None, results: dict[str, ItemResult], prompts: dict[str, Prompt]
+        self,
+        chunk: Chunk,
+        info: BatchInfo | None,
+        results: dict[str, ItemResult],
+        prompts: dict[str, Prompt],
+        owners: dict[str, str],
     ) -> None:
         failed: list[Awaitable[None]] = []
         model = self._s.llm.model
         for item in chunk.items:
-            result = results.get(item.custom_id)
+            owner = owners[item.custom_id]
+            result, shared = results.get(owner), owner != item.custom_id  # shared: paid for by its owner
             if result is not None and result.label is not None:
-                answer = batch_answer(result, prompts[item.custom_id], model, self._price, self._factor)
-                await self.out.answered(item, answer, "batch")
+                answer = batch_answer(result, prompts[owner], model, self._price, self._factor)
+                await self.out.answered(item, shared_answer(answer) if shared else answer, "batch")
                 continue
             reason = result.error if result is not None and result.error else _missing(info)
-            failed.append(self.out.failed(item, reason, billed(result, self._price, self._factor)))
+            cost = 0.0 if shared else billed(result, self._price, self._factor)
+            failed.append(self.out.failed(item, reason, cost))
         if failed:
             log.info("batch_items_failed", key=chunk.key, count=len(failed), to=self._s.batch.on_item_failure)
             await asyncio.gather(*failed)

@@ -46,6 +46,7 @@ def lane_settings(topics: kafka.Topics, url: str, lane: str, **extra: Any) -> di
         "llm__rpm": 1_000_000, "llm__tpm": 1_000_000_000, "router__threshold": 0.97,
         "batch__max_requests": 5_000, "batch__max_wait_s": 2, "batch__poll_interval_s": 0.5,
         "service__commit_interval_s": 0.2,
+        "audit__rate": 0,  # the closed loop's audits ask online whatever the lane: counted apart, not here
     } | extra  # fmt: skip
 
 
@@ -91,7 +92,8 @@ def test_batch_lane_labels_every_review_once_at_the_batch_price(
     assert set(paths) <= {("online", "small"), ("batch", "large")}, paths
     counters = stats(standin)
     assert counters["answered"] == 0 and counters["batch_duplicates"] == 0
-    assert counters["batch_requests"] == paths[("batch", "large")]
+    paid = [r for r in results if r.get("lane") == "batch" and not r["llm"]["cached"]]
+    assert counters["batch_requests"] == len(paid)  # identical reviews in a batch share one request
     cost = sum(r["cost_usd"] for r in results)
     assert cost == pytest.approx(cost_of_batch_tokens(counters), rel=1e-6)
     assert batches_at > input_at + 15
@@ -194,10 +196,13 @@ def test_a_separate_batch_stage_answers_expired_and_failed_items_online_and_lose
     counters = stats(standin)
     retried = counters["batch_items_failed"] + counters["batch_items_expired"]
     paths = Counter((r.get("lane", "online"), r["source"]) for r in results)
-    assert retried > 0 and paths[("online", "large")] == retried, (paths, counters)
-    cached = sum(1 for r in results if r.get("lane", "online") == "online" and r["llm"] and r["llm"]["cached"])
-    assert counters["answered"] == retried - cached  # identical texts share the online pool's answer
-    assert paths[("batch", "large")] == counters["batch_requests"] - retried
+    online = [r for r in results if r.get("lane") == "online"]
+    assert retried > 0 and len(online) == paths[("online", "large")] >= retried, (paths, counters)
+    # each failed or expired request is asked again online, with the identical reviews that shared it
+    fresh = sum(1 for r in online if not r["llm"]["cached"])  # the rest share an identical review's answer
+    assert counters["answered"] == fresh
+    paid = [r for r in results if r.get("lane") == "batch" and not r["llm"]["cached"]]
+    assert len(paid) == counters["batch_requests"] - retried
     report(f"separate shunt batch: {counters['batches_created']} batches, {counters['batches_expired']} expired; "
            f"{counters['batch_items_failed']} failed and {counters['batch_items_expired']} expired items answered "
            f"online, {paths[('batch', 'large')]} by batches, 0 lost")  # fmt: skip
@@ -207,12 +212,12 @@ def test_the_demo_shows_the_overflow(report: Callable[[str], None], tmp_path: Pa
     summary_path = tmp_path / "summary.json"
     demo = Process(
         [sys.executable, "-m", "consumer", "demo", "--bootstrap", kafka.bootstrap(), "--lane", "overflow",
-         "--reviews", "800", "--rate", "100", "--summary-json", str(summary_path)],
+         "--reviews", "1200", "--rate", "150", "--summary-json", str(summary_path)],
         service_env(), tmp_path / "demo.log",
     )  # fmt: skip
     assert demo.wait(150) == 0, demo.log()[-3000:]
     summary = orjson.loads(summary_path.read_bytes())
-    assert summary["labelled"] == 800 and summary["lane"] == "overflow"
+    assert summary["labelled"] == 1200 and summary["lane"] == "overflow"
     assert summary["lanes"]["online"] > 0 and summary["lanes"]["batch"] > 0 and summary["batches"] > 0
     assert "by " in demo.log() and "batches at half price" in demo.log()
     report(f"shunt demo --lane overflow: {summary['lanes']} LLM answers by lane, {summary['batches']} batches, "

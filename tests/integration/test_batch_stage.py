@@ -34,10 +34,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 DEFERRED_SCHEMA = orjson.loads((ROOT / "schemas" / "deferred.v1.json").read_bytes())
 
 
-def scored(n: int) -> Scored:
+def scored(n: int, text: str | None = None) -> Scored:
     origin = Origin("reviews", 0, n, key=f"k{n}".encode(), headers=(("trace", b"t"),), timestamp_ms=1_700_000_000_000)
     probs = {"negative": 0.45, "positive": 0.55}
-    return Scored(Review(f"r{n}", f"an unsure review number {n}", origin), Prediction("positive", 0.55, probs, "m1"))
+    review = Review(f"r{n}", text or f"an unsure review number {n}", origin)
+    return Scored(review, Prediction("positive", 0.55, probs, "m1"))
 
 
 @dataclass
@@ -81,7 +82,7 @@ async def lane(topics: kafka.Topics) -> AsyncIterator[Callable[..., Awaitable[La
         await one.standin.__aexit__(None, None, None)
 
 
-async def defer(lane: Lane, count: int) -> None:
+async def defer(lane: Lane, count: int, text: Callable[[int], str | None] = lambda _n: None) -> None:
     deferrer = Deferrer(lane.settings, lane.sink)
     delivered = asyncio.Event()
     left = count
@@ -93,7 +94,7 @@ async def defer(lane: Lane, count: int) -> None:
             delivered.set()
 
     for n in range(count):
-        await deferrer.defer(scored(n), one)
+        await deferrer.defer(scored(n, text(n)), one)
     await asyncio.wait_for(delivered.wait(), 30)
 
 
@@ -189,3 +190,16 @@ async def test_a_failed_batch_goes_online(lane: Callable[..., Awaitable[Lane]]) 
     results = outputs(one, 30)
     assert {r["id"] for r in results} == {f"r{n}" for n in range(30)}
     assert {r["lane"] for r in results} == {"online"}
+
+
+async def test_identical_reviews_in_a_batch_are_asked_once(lane: Callable[..., Awaitable[Lane]]) -> None:
+    one = await lane(max_requests=1000, max_wait_s=1.0)
+    await defer(one, 30, lambda n: f"the same text, version {n % 3}")
+    await run_stage(one)
+    results = outputs(one, 30)
+    assert {r["id"] for r in results} == {f"r{n}" for n in range(30)}
+    stats = one.standin.stats()
+    assert stats["batch_requests"] <= 6  # three texts, on at most two partitions
+    paid = [r for r in results if not r["llm"]["cached"]]
+    assert len(paid) == stats["batch_requests"] and all(r["cost_usd"] == 0 for r in results if r["llm"]["cached"])
+    assert len(kafka.read_json(one.settings.topics.distill, len(paid))) == len(paid)

@@ -14,7 +14,7 @@ from consumer.small.scoring import REQUIRED_FILES
 
 _SMALL_REVIEWS = 300
 _SMALL_RATE = 100.0
-_OVERFLOW_HIGH_WATER = 40  # a small online backlog, so the demo's overflow starts within seconds
+_OVERFLOW_HIGH_WATER = 20  # a small online backlog, so the demo's overflow starts within seconds
 # Tansu answers a fetch only after about fetch.wait.max.ms, even when records are waiting (measured: with
 # librdkafka's 500 ms default a small-path review took ~200 ms end to end; with 50 ms, ~16 ms).
 FETCH_WAIT_MS = 50
