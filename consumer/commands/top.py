@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console, Group
@@ -43,13 +44,42 @@ def instances_table(fleet: Fleet, now_ms: int) -> Table:
     return table
 
 
+def _agreement(block: dict[str, Any]) -> str:
+    interval = block["agreement"]
+    if interval["estimate"] is None:
+        return "-"
+    return (
+        f"{percent(interval['estimate'])} [{percent(interval['low'])}, {percent(interval['high'])}] n={interval['n']}"
+    )
+
+
+def loop_table(fleet: Fleet) -> Table:
+    """The closed loop now: tau in force, agreement with the LLM (window and cumulative), alarm, rates."""
+    columns = ("instance", "tau", "routed now", "pending", "labels/s", "agreement (window)", "agreement (all)",
+               "drift", "spend/h", "audit/h", "savings/h", "budget")  # fmt: skip
+    table = Table(*columns, title="closed loop")
+    for key, m in sorted(fleet.latest.items()):
+        loop, now = m.get("loop"), m.get("now")
+        if loop is None or now is None:
+            continue
+        budget = loop["budget"]
+        cap = "-" if budget is None else f"{budget['pressure']:.0%} of {usd(budget['usd_per_hour'], 2)}/h"
+        table.add_row(
+            key, f"{loop['threshold']:.3f}", percent(now["routed_share"]), str(now["llm_pending"]),
+            number(now["labeled_per_s"]), _agreement(loop["window"]), _agreement(loop["totals"]),
+            "ALARM" if loop["drift_alarm"] else "ok", usd(now["cost_usd_per_hour"], 4),
+            usd(now["audit_cost_usd_per_hour"], 4), usd(now["savings_usd_per_hour"], 4), cap,
+        )  # fmt: skip
+    return table
+
+
 def render(fleet: Fleet, topic: str, group_filter: str) -> Group:
     now_ms = time.time_ns() // 1_000_000
     summary = fleet.summary(now_ms)
     live = len(fleet.live(now_ms))
     stamp = time.strftime("%H:%M:%S")
     title = f"shunt top  {topic}  groups {group_filter}  instances {live} live / {len(fleet.latest)}  {stamp}"
-    return Group(summary_view(summary, title), instances_table(fleet, now_ms))
+    return Group(summary_view(summary, title), instances_table(fleet, now_ms), loop_table(fleet))
 
 
 def _follow(reader: MetricsReader, fleet: Fleet, view: Live, duration_s: float | None, refresh_s: float) -> None:

@@ -77,6 +77,8 @@ class MeterCollector:
             yield _counter(name, doc, getattr(totals, attr))
         yield from self._by_label(totals)
         yield from self._gauges(reading)
+        if reading.loop is not None:
+            yield from loop_metrics(reading.loop)
         yield _histogram(self._probe.meter.histograms)
         yield self._info(reading)
 
@@ -94,7 +96,8 @@ class MeterCollector:
         totals, info = reading.totals, self._probe.info
         yield GaugeMetricFamily("shunt_shunt_rate", "(large + fallback) / labeled.", value=_nan(shunt_rate(totals)))
         yield GaugeMetricFamily("shunt_cost_ratio", "cost / baseline.", value=_nan(cost_ratio(totals)))
-        yield GaugeMetricFamily("shunt_router_threshold", "The router's confidence threshold.", value=info.threshold)
+        tau = info.threshold if reading.loop is None else reading.loop["threshold"]
+        yield GaugeMetricFamily("shunt_router_threshold", "The router's confidence threshold in force.", value=tau)
         states = {(s,): float(s == reading.breaker_state) for s in BREAKER_STATES}
         yield _labelled(
             GaugeMetricFamily, "shunt_breaker_state", "1 for the breaker's state.", ["state"], states.items()
@@ -124,6 +127,42 @@ class MeterCollector:
             },
         )
         return family
+
+
+# (Prometheus name without _total, the loop block's counter, help): the closed loop's counters.
+LOOP_COUNTERS = (
+    ("shunt_audits", "audits", "Shadow requests answered (audit sampling of the small path)."),
+    ("shunt_audit_agreed", "audit_agreed", "Audits whose LLM answer agreed with the small model's label."),
+    ("shunt_audit_skipped", "audit_skipped", "Reviews chosen for an audit but not sent (LLM backlog, spend cap)."),
+    ("shunt_audit_cost_usd", "audit_cost_usd", "USD spent on audits (included in shunt_cost_usd)."),
+    ("shunt_budget_fallbacks", "budget_fallbacks", "Reviews that took the fallback because the spend cap bound."),
+    ("shunt_threshold_changes", "threshold_changes", "Changes of the threshold in force (risk rule, spend cap)."),
+)
+
+
+def loop_metrics(loop: dict[str, Any]) -> Iterator[Any]:
+    """The closed loop's counters and gauges: agreement with its interval, drift alarm, routing now, budget."""
+    totals = loop["totals"]
+    for name, key, doc in LOOP_COUNTERS:
+        yield _counter(name, doc, totals[key])
+    scopes = (("window", loop["window"]), ("cumulative", totals))
+    rows = [
+        ((scope, part), _nan(block["agreement"][part]))
+        for scope, block in scopes
+        for part in ("estimate", "low", "high")
+    ]
+    doc = "Small path's agreement with the LLM on audits, and its Clopper-Pearson 95% interval."
+    yield _labelled(GaugeMetricFamily, "shunt_audit_agreement", doc, ["scope", "bound"], rows)
+    yield GaugeMetricFamily("shunt_drift_alarm", "1 while the drift alarm fires.", value=float(loop["drift_alarm"]))
+    routed = "Share of this window's decisions routed to the LLM, counted when made."
+    yield GaugeMetricFamily("shunt_routed_share", routed, value=_nan(loop["routed_share"]))
+    yield GaugeMetricFamily("shunt_llm_pending", "LLM requests waiting or in flight.", value=loop["llm_pending"])
+    budget = loop["budget"]
+    if budget is not None:
+        yield GaugeMetricFamily("shunt_budget_pressure", "Spend in the cap's window / its allowance.",
+                                value=budget["pressure"])  # fmt: skip
+        yield GaugeMetricFamily("shunt_budget_threshold", "The threshold the spend cap allows.",
+                                value=budget["threshold"])  # fmt: skip
 
 
 def _nan(value: float | None) -> float:
