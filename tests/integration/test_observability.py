@@ -119,7 +119,8 @@ def check_stream(final: dict[str, Any], outputs: list[dict[str, Any]], dead: lis
     assert totals["cache_hits"] == sum(a["cached"] for a in answered)
     assert totals["prompt_tokens"] == sum(a["prompt_tokens"] for a in answered if not a["cached"])
     assert totals["completion_tokens"] == sum(a["completion_tokens"] for a in answered if not a["cached"])
-    spent = math.fsum(o["cost_usd"] for o in outputs)
+    audits = final["loop"]["totals"]["audit_cost_usd"]  # shadow requests are money spent too (issue 19)
+    spent = math.fsum([*(o["cost_usd"] for o in outputs), audits])
     assert round(totals["cost_usd"], 2) == round(spent, 2)
     assert abs(totals["cost_usd"] - spent) < 1e-9
 
