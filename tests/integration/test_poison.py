@@ -121,10 +121,10 @@ class Batch:
 
 @st.composite
 def batches(draw: st.DrawFn) -> Batch:
-    cases = draw(st.lists(good, min_size=40, max_size=100)) + draw(st.lists(bad, min_size=20, max_size=60))
+    cases = draw(st.lists(good, min_size=100, max_size=200)) + draw(st.lists(bad, min_size=50, max_size=120))
     cases += draw(st.lists(big, min_size=1, max_size=3))
     draw(st.randoms()).shuffle(cases)
-    kcats = draw(st.lists(st.one_of(kcat_bad, kcat_good), min_size=2, max_size=8))
+    kcats = draw(st.lists(st.one_of(kcat_bad, kcat_good), min_size=2, max_size=10))
     return Batch(cases, kcats)
 
 
@@ -226,7 +226,7 @@ def kcat(topic: str, tmp: Path, cases: list[KcatCase]) -> dict[tuple[int, int], 
 
 
 @settings(
-    max_examples=3,
+    max_examples=4,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,
@@ -266,9 +266,11 @@ def test_any_bytes_anywhere_end_labeled_or_dead_lettered(
             truncated += check_copy(letter, case.value, case.key)
             assert len(case.value or b"") < 700_000 or letter["truncated"]
     reasons = Counter(c.reason for c in bad.values())
+    dropped, cut = run.log.count('"headers_dropped"'), run.log.count('"refused_dead_lettered"')
     report(
         f"poison: {len(every)} messages ({len(kcats)} by kcat), {len(good_ids)} labeled, {len(bad)} dead letters "
-        f"({truncated} truncated) {dict(reasons)}, exit {run.code}"
+        f"({truncated} truncated; sink: {dropped} header sets dropped, {cut} records cut to fit) {dict(reasons)}, "
+        f"exit {run.code}"
     )
 
 
