@@ -83,6 +83,21 @@ def _forced_exit(seconds: float) -> None:
     os._exit(ExitCode.FATAL)
 
 
+async def _supervise(
+    stack: contextlib.AsyncExitStack,
+    pipeline: Pipeline,
+    before: set[asyncio.Task[object]],
+    stop: asyncio.Event,
+    drain_timeout_s: float | None,
+) -> None:
+    """Watch every task the parts started; with a drain timeout, also end the process if a stop hangs."""
+    for task in _started_since(before):
+        pipeline.supervisor.watch(task, task.get_name())
+    if drain_timeout_s is not None:
+        seconds = drain_timeout_s + _FORCED_EXIT_MARGIN_S
+        await stack.enter_async_context(background(_force_exit_after_halt(stop, pipeline, seconds), "deadline"))
+
+
 async def run_service(
     settings: Settings, stop: asyncio.Event | None = None, *, handle_signals: bool = True, hard_deadline: bool = False
 ) -> Pipeline:
@@ -116,11 +131,7 @@ async def run_service(
             observability(settings, meter, pipeline, pool, sink, model_version=version, loop=pipeline.loop)
         )
         await stack.enter_async_context(lane.running(lambda: pipeline.halted))
-        for task in _started_since(before):
-            pipeline.supervisor.watch(task, task.get_name())
-        if hard_deadline:
-            seconds = settings.service.drain_timeout_s + _FORCED_EXIT_MARGIN_S
-            await stack.enter_async_context(background(_force_exit_after_halt(stop, pipeline, seconds), "deadline"))
+        await _supervise(stack, pipeline, before, stop, settings.service.drain_timeout_s if hard_deadline else None)
         log.info("service_started", input=settings.topics.input, group=settings.kafka.group_id)
         await pipeline.run(stop)
     log.info("service_stopped", messages=pipeline.messages_read, unfinished=pipeline.unfinished)

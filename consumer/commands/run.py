@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from consumer.commands.common import config_option, prune, settings_from
 from consumer.errors import ExitCode
+
+if TYPE_CHECKING:
+    from consumer.stream.pipeline import Pipeline
 
 
 @click.command(name="run")
@@ -70,7 +74,11 @@ def command(
     settings = settings_from(config_path, overrides)
     from consumer.app import run_service  # heavy imports only when the service really starts
 
-    pipeline = asyncio.run(run_service(settings, hard_deadline=True))
+    _exit_for(asyncio.run(run_service(settings, hard_deadline=True)))
+
+
+def _exit_for(pipeline: Pipeline) -> None:
+    """FATAL after a failure; UNFINISHED when a batch stop left messages to read again; else 0."""
     if pipeline.failure is not None:
         click.echo(f"fatal: {pipeline.failure}", err=True)
         sys.exit(ExitCode.FATAL)
