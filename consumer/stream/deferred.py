@@ -44,7 +44,7 @@ from consumer.stream.offsets import OffsetTracker
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _POLL_MAX = 500
-_IDLE_S = 1.0  # a finishing stage is drained once nothing new arrived for this long
+_IDLE_S = 2.0  # a finishing stage is drained once nothing new arrived for this long
 _BACKOFF_MAX_S = 30.0
 
 
@@ -124,10 +124,12 @@ class BatchStage:
     def _drained(self) -> bool:
         if not self.finishing.is_set() or self._collecting or self.tracker.in_flight() or self._relist:
             return False
-        assigned = self.source.assignment()
-        lag = self.source.lag(self.tracker.watermarks())
+        assigned, marks = self.source.assignment(), self.tracker.watermarks()
+        lag = self.source.lag(marks)
         quiet = time.monotonic() - self.last_message >= _IDLE_S
-        return bool(assigned) and quiet and not any(lag.get(tp, 0) for tp in assigned)
+        # A partition nothing was read from this run has no watermark here (its committed offset is not known
+        # to us): quiet is the best sign it is at its end. What is left there waits for the next run.
+        return bool(assigned) and quiet and not any(lag.get(tp, 0) for tp in assigned if tp in marks)
 
     def _wait_s(self) -> float:
         if not self._collecting:

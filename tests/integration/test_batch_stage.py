@@ -203,3 +203,12 @@ async def test_identical_reviews_in_a_batch_are_asked_once(lane: Callable[..., A
     paid = [r for r in results if not r["llm"]["cached"]]
     assert len(paid) == stats["batch_requests"] and all(r["cost_usd"] == 0 for r in results if r["llm"]["cached"])
     assert len(kafka.read_json(one.settings.topics.distill, len(paid))) == len(paid)
+
+
+async def test_a_finishing_stage_with_nothing_new_ends(lane: Callable[..., Awaitable[Lane]]) -> None:
+    """Everything on the deferred topic is committed already: a batch stop ends instead of waiting for lag."""
+    one = await lane()
+    await defer(one, 10)
+    await run_stage(one)
+    again = await run_stage(one)
+    assert again.batches_created == 0 and one.standin.stats()["batches_created"] >= 1
