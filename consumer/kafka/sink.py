@@ -92,7 +92,7 @@ class KafkaSink:
     def __init__(self, kafka: KafkaConfig) -> None:
         self._conf = librdkafka_config(kafka, "producer")
         self._admin_conf = librdkafka_config(kafka, "admin")
-        self._producer = Producer(self._conf, logger=None)
+        self._producer = Producer(self._conf | {"error_cb": self._on_client_error}, logger=None)
         self._narrow: dict[str, Producer] = {}  # topics whose max.message.bytes is below the batch size
         self._max_bytes = int(self._conf.get("message.max.bytes", DEFAULT_MAX_BYTES))
         self._batch_bytes = int(self._conf.get("batch.size", DEFAULT_MAX_BYTES))
@@ -154,7 +154,11 @@ class KafkaSink:
         self._limits[topic] = limit
         if topic_max is not None and topic_max < self._batch_bytes:
             batch = max(1, limit - FRAMING_BYTES)
-            conf = self._conf | {"batch.size": batch, "message.max.bytes": max(1000, limit)}
+            conf = self._conf | {
+                "batch.size": batch,
+                "message.max.bytes": max(1000, limit),
+                "error_cb": self._on_client_error,
+            }
             self._narrow[topic] = Producer(conf, logger=None)
             log.info("topic_limit", topic=topic, max_message_bytes=topic_max, own_producer_batch_bytes=batch)
 
@@ -261,6 +265,22 @@ class KafkaSink:
         self.rescued += 1
         log.warning("refused_dead_lettered", topic=send.out.topic, reason=reason, dlq=replacement.topic)
         await self._send(_Send(replacement, send.on_delivered, rescued=True))
+
+    def _on_client_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (on the report thread): a fatal one (the idempotent producer cannot go
+        on) is fatal for the service; the others (brokers down, transport) are logged, at most every 5 s."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._client_error, err)
+
+    def _client_error(self, err: KafkaError) -> None:
+        code, reason, fatal = _describe_error(err)
+        if fatal:
+            self._declare_fatal("producer", code, reason)
+            return
+        now = time.monotonic()
+        if now - self._logged.get(("", code), -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._logged[("", code)] = now
+            log.warning("producer_error", code=code, reason=reason)
 
     def _declare_fatal(self, topic: str, code: str, reason: str) -> None:
         self.parked += 1

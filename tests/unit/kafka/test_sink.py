@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from consumer import contracts
 from consumer.config import KafkaConfig
@@ -148,3 +148,31 @@ async def test_a_broker_that_is_down_is_retried_with_backoff_and_counted(closing
     await sink.publish(Outgoing("anything", None, b"{}"), lambda: delivered.append(1))
     await eventually(lambda: sink.retries >= 3, 30, "three retries")
     assert (delivered, sink.fatal) == ([], None)
+
+
+async def test_a_record_produce_itself_refuses_is_dead_lettered(made: Any, closing: list[KafkaSink]) -> None:
+    # produce() raises MSG_SIZE_TOO_LARGE synchronously (a KafkaException, not a BufferError) when a record is over
+    # message.max.bytes; the size check normally stops it first, so pretend the limit is larger than it is.
+    out, dlq = made("out"), made("dlq")
+    closing.append(sink := await started(dlq))
+    await sink.learn_limits([out, dlq])
+    sink._limits[out] = 10_000_000
+    labeled = orjson.dumps({"schema_version": "labeled.v1", "id": "r-1", "input": outputs.position(ORIGIN)})
+    delivered: list[int] = []
+    await sink.publish(Outgoing(out, "r-1", labeled + b" " * 1_200_000), lambda: delivered.append(1))
+    await eventually(lambda: delivered == [1], 30, "the dead letter stands for the refused output")
+    (message,) = read(dlq, 1)
+    got = orjson.loads(message.value())
+    assert (got["reason"], got["truncated"], got["original_size"]) == ("output_refused", True, len(labeled) + 1_200_000)
+    assert "MSG_SIZE_TOO_LARGE" in got["detail"]
+    assert (sink.rescued, sink.fatal) == (1, None)
+
+
+async def test_a_fatal_client_error_is_fatal_for_the_service(closing: list[KafkaSink]) -> None:
+    closing.append(sink := await started())
+    sink._on_client_error(KafkaError(KafkaError._FATAL, "idempotent producer fenced", fatal=True))  # librdkafka's cb
+    await eventually(sink.fatal_event.is_set, 10, "the sink declares the error fatal")
+    assert sink.fatal is not None and (sink.fatal.what, sink.fatal.detail) == (
+        "producer",
+        "_FATAL: idempotent producer fenced",
+    )
