@@ -144,7 +144,7 @@ class KafkaSink:
         for topic in topics:
             try:
                 found[topic] = int(admin.topic_config(topic, timeout_s=10).get("max.message.bytes", "0")) or None
-            except (TopicAdminError, ValueError) as exc:
+            except (TopicAdminError, KafkaException, ValueError) as exc:
                 log.warning("topic_limit_unknown", topic=topic, reason=str(exc), assumed=self._max_bytes)
                 found[topic] = None
         return found
