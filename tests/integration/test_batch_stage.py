@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import orjson
@@ -18,8 +18,9 @@ import pytest
 from consumer import contracts
 from consumer.aio import wait_until
 from consumer.config import Settings
+from consumer.errors import TransientLlmError
 from consumer.kafka.sink import KafkaSink
-from consumer.llm.batch import BatchApi
+from consumer.llm.batch import BatchApi, BatchInfo
 from consumer.llm.pool import LlmPool
 from consumer.observe.meter import Meter
 from consumer.records import Origin, Prediction, Review, Scored
@@ -98,10 +99,12 @@ async def defer(lane: Lane, count: int, text: Callable[[int], str | None] = lamb
     await asyncio.wait_for(delivered.wait(), 30)
 
 
-async def run_stage(lane: Lane, *, finish: bool = True, stop_when: Callable[[], bool] | None = None) -> BatchStage:
+async def run_stage(
+    lane: Lane, *, finish: bool = True, stop_when: Callable[[], bool] | None = None, api_type: type[BatchApi] = BatchApi
+) -> BatchStage:
     """Run a stage until it has finished everything (or, with ``stop_when``, halt it once that holds)."""
     stop = asyncio.Event()
-    async with BatchApi(lane.settings.llm) as api, LlmPool(lane.settings.llm) as pool:
+    async with api_type(lane.settings.llm) as api, LlmPool(lane.settings.llm) as pool:
         stage = BatchStage(lane.settings, lane.sink, lane.meter, api, pool)
         if finish:
             stage.finishing.set()
@@ -212,3 +215,29 @@ async def test_a_finishing_stage_with_nothing_new_ends(lane: Callable[..., Await
     await run_stage(one)
     again = await run_stage(one)
     assert again.batches_created == 0 and one.standin.stats()["batches_created"] >= 1
+
+
+class LosesCreateAnswers(BatchApi):
+    """Every batch is created, but the answer to each first create is lost on the way back."""
+
+    lost: ClassVar[int] = 0
+
+    async def create(self, input_file_id: str, metadata: Mapping[str, str]) -> BatchInfo:
+        info = await super().create(input_file_id, metadata)
+        if metadata["shunt_key"] not in LosesCreateAnswers.seen:
+            LosesCreateAnswers.seen.add(metadata["shunt_key"])
+            LosesCreateAnswers.lost += 1
+            raise TransientLlmError("the connection dropped before the answer came")
+        return info
+
+    seen: ClassVar[set[str]] = set()
+
+
+async def test_a_create_whose_answer_was_lost_is_found_not_made_again(lane: Callable[..., Awaitable[Lane]]) -> None:
+    one = await lane()
+    await defer(one, 60)
+    await run_stage(one, api_type=LosesCreateAnswers)
+    stats = one.standin.stats()
+    assert LosesCreateAnswers.lost >= 2 and stats["batches_created"] == LosesCreateAnswers.lost
+    assert stats["batch_duplicates"] == 0
+    assert {r["id"] for r in outputs(one, 60)} == {f"r{n}" for n in range(60)}
