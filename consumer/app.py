@@ -91,8 +91,10 @@ async def _supervise(
     drain_timeout_s: float | None,
 ) -> None:
     """Watch every task the parts started; with a drain timeout, also end the process if a stop hangs."""
-    for task in _started_since(before):
+    started = _started_since(before)
+    for task in started:
         pipeline.supervisor.watch(task, task.get_name())
+    log.info("supervising", tasks=sorted({task.get_name() for task in started}))
     if drain_timeout_s is not None:
         seconds = drain_timeout_s + _FORCED_EXIT_MARGIN_S
         await stack.enter_async_context(background(_force_exit_after_halt(stop, pipeline, seconds), "deadline"))

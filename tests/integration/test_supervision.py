@@ -19,6 +19,7 @@ from consumer.config import Settings, load_settings
 from consumer.llm.pool import LlmPool
 from consumer.records import LlmOutcome, Review, Scored
 from consumer.sandbox.reviewgen import generate
+from consumer.small.reload import ModelWatcher
 from consumer.small.scoring import ScoringStage
 from tests.support import kafka
 from tests.support.service import start_standin
@@ -40,6 +41,14 @@ class ExplodingPool(LlmPool):
         if MARK in scored.review.text:
             raise RuntimeError("LLM task bug on a marked review")
         return await super().label(scored, prompt)
+
+
+class DyingWatcher(ModelWatcher):
+    """A part that dies on its own while the service runs (here the model watcher, on its first look)."""
+
+    async def run(self) -> None:
+        await asyncio.sleep(0.5)  # a moment into the run, not a synchronisation
+        raise RuntimeError("model watcher bug")
 
 
 @pytest.fixture
@@ -77,7 +86,7 @@ def with_marked_review(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.parametrize("broken", ["scorer", "llm-task"])
+@pytest.mark.parametrize("broken", ["scorer", "llm-task", "model-watcher"])
 async def test_a_part_that_raises_stops_the_service_within_the_deadline_and_loses_nothing(
     report: Callable[[str], None],
     topics: kafka.Topics,
@@ -90,23 +99,25 @@ async def test_a_part_that_raises_stops_the_service_within_the_deadline_and_lose
     rows = with_marked_review([r.as_dict() for r in generate(COUNT, seed=51, prefix="sup")])
     kafka.produce(settings.topics.input, [orjson.dumps(r) for r in rows])
     with monkeypatch.context() as patch:
-        if broken == "scorer":
-            patch.setattr(app, "ScoringStage", ExplodingScoring)
-        else:
-            patch.setattr(app, "LlmPool", ExplodingPool)
+        patched = {"scorer": ("ScoringStage", ExplodingScoring), "llm-task": ("LlmPool", ExplodingPool),
+                   "model-watcher": ("ModelWatcher", DyingWatcher)}  # fmt: skip
+        patch.setattr(app, *patched[broken])
         started = time.monotonic()
         pipeline = await asyncio.wait_for(app.run_service(settings, handle_signals=False), DRAIN_S + 60)
         stopped_s = time.monotonic() - started
     assert pipeline.failure is not None and not pipeline.healthy()
-    assert "marked review" in pipeline.failure.detail
     committed = kafka.committed(settings.kafka.group_id, settings.topics.input, 1)[0]
-    assert committed <= MARKED_AT, f"committed {committed}, past the review that never finished"
+    if broken == "model-watcher":
+        assert pipeline.failure.what == "model-watcher" and "model watcher bug" in pipeline.failure.detail
+    else:
+        assert "marked review" in pipeline.failure.detail
+        assert committed <= MARKED_AT, f"committed {committed}, past the review that never finished"
     restart = settings.model_copy(update={"service": settings.service.model_copy(update={"idle_timeout_s": 4.0})})
     again = await asyncio.wait_for(app.run_service(restart, handle_signals=False), 120)
     assert again.failure is None
     labeled = kafka.read_json(settings.topics.output, COUNT)
     assert {r["id"] for r in rows} <= {r["id"] for r in labeled}
     report(
-        f"{broken} raising on review {MARKED_AT}: stopped with '{pipeline.failure.what}' failure in {stopped_s:.1f} s "
-        f"(drain deadline {DRAIN_S} s), committed {committed}; restart: {COUNT} of {COUNT} labeled"
+        f"{broken} raising: stopped with '{pipeline.failure.what}' failure in {stopped_s:.1f} s (drain deadline "
+        f"{DRAIN_S} s), committed {committed} (marked review at {MARKED_AT}); restart: {COUNT} of {COUNT} labeled"
     )
