@@ -29,7 +29,7 @@ from consumer.llm.client import (
     LlmClient,
     MalformedResponseError,
     Usage,
-    _completion_parts,
+    completion_parts,
     parse_label,
 )
 from consumer.llm.prompting import Prompt
@@ -131,7 +131,7 @@ def _item(custom_id: str, doc: Mapping[str, Any], allowed: Sequence[str]) -> Ite
 def _answer(custom_id: str, body: Any, allowed: Sequence[str]) -> ItemResult:
     """A 200 line's body, read as the online client reads a response."""
     try:
-        content, usage = _completion_parts(orjson.dumps(body))
+        content, usage = completion_parts(orjson.dumps(body))
         return ItemResult(custom_id, parse_label(content, allowed, usage), usage)
     except InvalidAnswerError as exc:
         return ItemResult(custom_id, None, exc.usage, exc.reason)

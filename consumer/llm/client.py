@@ -269,7 +269,7 @@ class LlmClient:
             raise error
         if raw is None:
             raise MalformedResponseError(f"the response body is over {self._config.max_response_bytes} bytes")
-        content, usage = _completion_parts(raw)
+        content, usage = completion_parts(raw)
         label = parse_label(content, prompt.allowed_labels, usage)
         return Completion(label, usage, rate_limit_headers(headers), latency_ms)
 
@@ -312,7 +312,7 @@ async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> tuple[bytes,
     return b"".join(chunks), True
 
 
-def _completion_parts(raw: bytes) -> tuple[str, Usage]:
+def completion_parts(raw: bytes) -> tuple[str, Usage]:
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
