@@ -110,7 +110,8 @@ async def run_service(
     signal or a failure even if the shutdown hangs. Returns the pipeline: ``failure`` and ``unfinished``."""
     stop = stop or asyncio.Event()
     before = asyncio.all_tasks()
-    await asyncio.get_running_loop().run_in_executor(None, check_topics, settings.kafka, settings.topics)
+    lane_on = settings.llm.lane != "online"
+    await asyncio.to_thread(check_topics, settings.kafka, settings.topics, deferred=lane_on)
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
             stack.enter_context(signal_handlers(functools.partial(_on_signal, stop)))

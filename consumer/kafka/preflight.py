@@ -18,20 +18,23 @@ log = structlog.get_logger(__name__)
 _TIMEOUT_S = 10.0
 
 
-def written_topics(topics: TopicsConfig) -> dict[str, str]:
-    """Each topic the service produces to, with the setting that names it (``topics.output``...)."""
+def written_topics(topics: TopicsConfig, *, deferred: bool = False) -> dict[str, str]:
+    """Each topic the service produces to, with the setting that names it (``topics.output``...);
+    ``deferred``: the batch lane is on, so ``topics.deferred`` too."""
     named = {"topics.output": topics.output, "topics.dlq": topics.dlq, "topics.metrics": topics.metrics}
     named["topics.distill"] = topics.distill
+    if deferred:
+        named["topics.deferred"] = topics.deferred
     by_topic: dict[str, str] = {}
     for setting, topic in named.items():
         by_topic.setdefault(topic, setting)
     return by_topic
 
 
-def check_topics(kafka: KafkaConfig, topics: TopicsConfig) -> None:
+def check_topics(kafka: KafkaConfig, topics: TopicsConfig, *, deferred: bool = False) -> None:
     """Refuse to start (:class:`RefusedError`) unless every written topic exists (or was just created)."""
     admin = TopicAdmin(librdkafka_config(kafka, "admin"))
-    for topic, setting in written_topics(topics).items():
+    for topic, setting in written_topics(topics, deferred=deferred).items():
         try:
             _check_one(admin, topics, topic, setting)
         except KafkaException as exc:
