@@ -22,10 +22,21 @@ from consumer.offline import datasets
 from consumer.offline.train import TrainConfig, run_training
 
 console = Console(stderr=True)
+DEFAULT = TrainConfig()
 
 
 def _domains(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+def _extra_rows(data_dir: Path | None, weight: float) -> tuple[list[dict[str, Any]], float]:
+    """The UCI sentences and their weight; none (weight 0) when switched off or not in the data folder."""
+    if weight <= 0:
+        return [], 0.0
+    if not (datasets.data_dir(data_dir) / datasets.UCI_SENTENCES).is_file():
+        console.print(f"[yellow]no {datasets.UCI_SENTENCES} in the data folder: training without it[/]")
+        return [], 0.0
+    return datasets.load_uci(data_dir), weight
 
 
 def render(metrics: dict[str, Any]) -> list[Table]:
@@ -60,9 +71,25 @@ def render(metrics: dict[str, Any]) -> list[Table]:
 @click.option("--test-share", type=click.FloatRange(0.05, 0.5), default=0.2, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also fit TF-IDF + LR.")
 @click.option("--vocab-size", type=click.IntRange(100, 200_000), default=20_000, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(8, 4096), default=256, show_default=True, help="Truncation.")
+@click.option(
+    "--max-tokens", type=click.IntRange(8, 4096), default=DEFAULT.max_tokens, show_default=True, help="Truncation."
+)
 @click.option(
     "--buckets", type=click.IntRange(2**8, 2**24), default=2**18, show_default=True, help="Bigram hash buckets."
+)
+@click.option(
+    "--negation-window",
+    type=click.IntRange(0, 8),
+    default=DEFAULT.negation_window,
+    show_default=True,
+    help="Mark unigrams up to this many tokens after a negator (0: off).",
+)
+@click.option(
+    "--uci-weight",
+    type=click.FloatRange(0.0, 10.0),
+    default=0.5,
+    show_default=True,
+    help=f"Sample weight of {datasets.UCI_SENTENCES} added to every fit (0: not used).",
 )
 def command(
     data_dir: Path | None,
@@ -74,14 +101,22 @@ def command(
     vocab_size: int,
     max_tokens: int,
     buckets: int,
+    negation_window: int,
+    uci_weight: float,
 ) -> None:
     """Train and calibrate the small model; write the model folder and metrics.json; print the figures."""
     logs.configure("warning")
     rows = datasets.load_amazon(data_dir, _domains(domains))
-    config = TrainConfig(vocab_size=vocab_size, buckets=buckets, max_tokens=max_tokens, seed=seed)
-    metrics = run_training(rows, out, config, test_share, baseline, progress=console.print)
+    extra_rows, uci_weight = _extra_rows(data_dir, uci_weight)
+    config = TrainConfig(
+        vocab_size=vocab_size, buckets=buckets, max_tokens=max_tokens, negation_window=negation_window, seed=seed
+    )
+    metrics = run_training(
+        rows, out, config, test_share, baseline, progress=console.print, extra_rows=extra_rows, extra_weight=uci_weight
+    )
     metrics["options"] = {"seed": seed, "domains": _domains(domains), "test_share": test_share}
     metrics["options"] |= {"vocab_size": vocab_size, "buckets": buckets, "max_tokens": max_tokens}
+    metrics["options"] |= {"negation_window": negation_window, "uci_weight": uci_weight}
     (out / "metrics.json").write_bytes(orjson.dumps(metrics, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     for table in render(metrics):
         Console().print(table)

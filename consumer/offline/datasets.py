@@ -19,6 +19,7 @@ from consumer.errors import ShuntError
 
 DATA_DIR_ENV = "SHUNT_DATA_DIR"
 AMAZON_TRAIN = "amazon-reviews-train.jsonl"
+UCI_SENTENCES = "uci-sentences.jsonl"
 DEFAULT_SPLIT_SEED = 20070625  # the ACL 2007 conference date; any fixed number would do
 _REPO = Path(__file__).resolve().parents[2]  # consumer/offline/datasets.py -> the repository
 
@@ -80,6 +81,15 @@ def load_amazon(directory: Path | None = None, domains: Sequence[str] | None = N
         if unknown:
             raise DatasetError(f"unknown domain(s) {unknown}; the data have {sorted(known)}")
         rows = [row for row in rows if row.get("domain") in domains]
+    return rows
+
+
+def load_uci(directory: Path | None = None) -> list[dict[str, Any]]:
+    """The UCI labelled sentences (Kotzias et al., KDD 2015): extra training data, never test data."""
+    rows = load_jsonl(data_dir(directory) / UCI_SENTENCES)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("label"), str):
+            raise DatasetError(f"{UCI_SENTENCES} row {number}: needs string fields 'text' and 'label'")
     return rows
 
 

@@ -59,4 +59,5 @@ def train_config(base: Path, vocab_size: int, max_tokens: int) -> training.Train
         vocab_size=vocab_size,
         buckets=int(features.get("buckets", training.TrainConfig().buckets)),  # the base model's feature space
         max_tokens=max_tokens,
+        negation_window=int(features.get("negation_window", 0)),  # a base model without it had none
     )

@@ -16,7 +16,7 @@ import orjson
 import structlog
 from onnx import TensorProto, helper, numpy_helper
 
-from consumer.offline.train.features import MODEL_TYPE, NORM_EPS
+from consumer.offline.train.features import MODEL_TYPE, NORM_EPS, FeatureSpec
 from consumer.offline.train.fit import LinearModel, TrainedModel
 
 log = structlog.get_logger(__name__)
@@ -27,7 +27,7 @@ OPSET = 17  # with IR version 8: any onnxruntime >= 1.12 runs the graph; axes ar
 def build_graph(model: LinearModel, num_labels: int) -> onnx.ModelProto:
     """The ONNX graph: (input_ids, attention_mask) -> logits [batch, num_labels]."""
     graph = helper.make_graph(
-        [*_feature_nodes(), *_pooling_nodes()],
+        [*_feature_nodes(model.spec), *_pooling_nodes()],
         MODEL_TYPE,
         [_int_input("input_ids"), _int_input("attention_mask")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_labels])],
@@ -39,9 +39,16 @@ def build_graph(model: LinearModel, num_labels: int) -> onnx.ModelProto:
     return proto
 
 
-def _feature_nodes() -> list[onnx.NodeProto]:
-    """feature_ids = [ids, vocab + (ids[:, :-1] * multiplier + ids[:, 1:]) mod buckets], and their mask."""
+def _feature_nodes(spec: FeatureSpec) -> list[onnx.NodeProto]:
+    """feature_ids = [unigrams, vocab + (ids[:, :-1] * multiplier + ids[:, 1:]) mod buckets], and their mask.
+
+    Unigrams are the ids, or ``negated_offset + id`` inside a negation scope (:func:`.features.negation_scope`)."""
+    unigrams = "input_ids"
+    negation: list[onnx.NodeProto] = []
+    if spec.negation_window:
+        negation, unigrams = _negation_nodes(spec.negation_window), "unigram_ids"
     return [
+        *negation,
         *_slice_pair("input_ids", "ids_a", "ids_b"),
         *_slice_pair("attention_mask", "mask_a", "mask_b"),
         helper.make_node("Mul", ["ids_a", "multiplier"], ["ids_am"]),
@@ -49,9 +56,46 @@ def _feature_nodes() -> list[onnx.NodeProto]:
         helper.make_node("Mod", ["pair", "buckets"], ["bucket"]),
         helper.make_node("Add", ["bucket", "vocab"], ["bigram_ids"]),
         helper.make_node("Mul", ["mask_a", "mask_b"], ["bigram_mask"]),
-        helper.make_node("Concat", ["input_ids", "bigram_ids"], ["feature_ids"], axis=1),
+        helper.make_node("Concat", [unigrams, "bigram_ids"], ["feature_ids"], axis=1),
         helper.make_node("Concat", ["attention_mask", "bigram_mask"], ["feature_mask_i"], axis=1),
         helper.make_node("Cast", ["feature_mask_i"], ["feature_mask"], to=TensorProto.FLOAT),
+    ]
+
+
+def _negation_nodes(window: int) -> list[onnx.NodeProto]:
+    """unigram_ids = ids + negated_offset * scope, the scope from one 1-D convolution.
+
+    Channels of ``negation_codes[id]``: (is a negator, is punctuation). Output channel d - 1 (d = 1..window)
+    at position i is ``negator[i - d] - 8 * (punct[i - d + 1] + ... + punct[i])``: above 0.5 exactly when
+    token i - d is a negator and no punctuation lies in (i - d, i], as in :func:`.features.negation_scope`.
+    The left padding of ``window`` zeros makes positions before the start count as neither."""
+    return [
+        helper.make_node("Gather", ["negation_codes", "input_ids"], ["codes"], axis=0),  # [b, n, 2]
+        helper.make_node("Transpose", ["codes"], ["codes_t"], perm=[0, 2, 1]),  # [b, 2, n]
+        helper.make_node("Conv", ["codes_t", "negation_kernel"], ["windows"], pads=[window, 0]),  # [b, w, n]
+        helper.make_node("ReduceMax", ["windows"], ["best"], axes=[1], keepdims=0),
+        helper.make_node("Greater", ["best", "half"], ["in_scope"]),
+        helper.make_node("Cast", ["in_scope"], ["scope"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["scope", "negated_offset"], ["negation_shift"]),
+        helper.make_node("Add", ["input_ids", "negation_shift"], ["unigram_ids"]),
+    ]
+
+
+def _negation_tensors(spec: FeatureSpec) -> list[onnx.TensorProto]:
+    """The per-token codes and the convolution kernel of :func:`_negation_nodes`."""
+    window = spec.negation_window
+    codes = np.zeros((spec.vocab_size, 2), dtype=np.float32)
+    codes[list(spec.negators), 0] = 1.0
+    codes[list(spec.punctuation), 1] = 1.0
+    kernel = np.zeros((window, 2, window + 1), dtype=np.float32)  # [out d - 1, in, tap k]; tap k reads i - window + k
+    for d in range(1, window + 1):
+        kernel[d - 1, 0, window - d] = 1.0
+        kernel[d - 1, 1, window - d + 1 :] = -8.0
+    return [
+        numpy_helper.from_array(codes, "negation_codes"),
+        numpy_helper.from_array(kernel, "negation_kernel"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
+        numpy_helper.from_array(np.array(spec.negated_offset, dtype=np.int64), "negated_offset"),
     ]
 
 
@@ -98,6 +142,8 @@ def _initializers(model: LinearModel, num_labels: int) -> list[onnx.TensorProto]
     tensors = [numpy_helper.from_array(np.array([v], dtype=np.int64), name) for name, v in ints.items()]
     scalars = {"multiplier": spec.multiplier, "buckets": spec.buckets, "vocab": spec.vocab_size}
     tensors += [numpy_helper.from_array(np.array(v, dtype=np.int64), name) for name, v in scalars.items()]
+    if spec.negation_window:
+        tensors += _negation_tensors(spec)
     tensors.append(numpy_helper.from_array(np.array(NORM_EPS, dtype=np.float32), "eps"))
     tensors.append(numpy_helper.from_array(model.bias.reshape(1, -1).astype(np.float32), "bias"))
     tensors.append(numpy_helper.from_array(np.ascontiguousarray(model.table, dtype=np.float32), "table"))
@@ -149,6 +195,7 @@ def _config_json(trained: TrainedModel, version: str) -> dict[str, Any]:
             "vocab_size": spec.vocab_size,
             "buckets": spec.buckets,
             "multiplier": spec.multiplier,
+            "negation_window": spec.negation_window,
             "nb_power": trained.config.nb_power,
             "c": trained.cv.c,
         },

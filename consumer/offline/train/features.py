@@ -5,7 +5,9 @@ Why this shape: the small model sees every review, so it must cost far less than
 is a gather from one weight table, a masked sum and one division; all the learning happens offline (:mod:`.fit`):
 
 * features: every token id ``t`` (a unigram) and, for each adjacent pair ``(a, b)``, the hashed bigram
-  ``V + (a * M + b) mod H`` (V = vocabulary size, H = buckets, M = an odd multiplier);
+  ``V + (a * M + b) mod H`` (V = vocabulary size, H = buckets, M = an odd multiplier); with negation
+  marking, a unigram within ``negation_window`` tokens after a negator (no punctuation in between)
+  becomes its negated copy ``V + H + t``;
 * per-feature scale ``s = idf * |NB log-count ratio| ** power`` (NBSVM-style; it helps on sentiment);
 * document vector ``x = sum_f count_f * s_f * e_f / sqrt(sum_f count_f * s_f ** 2)``, a length
   normalisation that needs no de-duplication in the graph;
@@ -45,9 +47,18 @@ class FeatureSpec:
     buckets: int = 2**18
     multiplier: int = 1_000_003
     max_tokens: int = 256
+    negation_window: int = 0
+    negators: tuple[int, ...] = ()
+    punctuation: tuple[int, ...] = ()
 
     @property
     def width(self) -> int:
+        """Unigrams, hashed bigrams and, with negation marking, the negated unigrams."""
+        return self.vocab_size + self.buckets + (self.vocab_size if self.negation_window else 0)
+
+    @property
+    def negated_offset(self) -> int:
+        """Where the negated copy of unigram ``t`` lives: ``negated_offset + t``."""
         return self.vocab_size + self.buckets
 
 
@@ -108,11 +119,62 @@ def token_prefix(tokenizer: Tokenizer, texts: Sequence[str], max_tokens: int) ->
     ]
 
 
+NEGATORS = ("not", "no", "never", "t", "nothing", "nor", "none", "neither", "without", "cannot", "nobody", "hardly")
+
+
+def feature_spec(
+    tokenizer: Tokenizer, buckets: int = 2**18, max_tokens: int = 256, negation_window: int = 0
+) -> FeatureSpec:
+    """The feature layout for ``tokenizer``: negation words and punctuation are looked up in its vocabulary.
+
+    ``t`` is a negator because the Whitespace pre-tokenizer splits "don't" into "don", "'", "t".
+    Punctuation is any token without a letter or digit, except the apostrophe (it sits inside "n't")."""
+    vocab = tokenizer.get_vocab()
+    negators = tuple(sorted(vocab[word] for word in NEGATORS if word in vocab))
+    punctuation = tuple(
+        sorted(i for word, i in vocab.items() if word not in (PAD, UNK, "'") and not any(ch.isalnum() for ch in word))
+    )
+    return FeatureSpec(
+        tokenizer.get_vocab_size(),
+        buckets,
+        max_tokens=max_tokens,
+        negation_window=negation_window,
+        negators=negators if negation_window else (),
+        punctuation=punctuation if negation_window else (),
+    )
+
+
+def negation_scope(tokens: Ids, spec: FeatureSpec) -> npt.NDArray[np.bool_]:
+    """True where one of the previous ``negation_window`` tokens is a negator and no punctuation lies in
+    between (nor on the token itself): "not very good" marks "very" and "good", "not bad. great" not "great"."""
+    n = len(tokens)
+    scope = np.zeros(n, dtype=bool)
+    if not spec.negation_window or n == 0:
+        return scope
+    is_neg = np.isin(tokens, spec.negators)
+    not_punct = ~np.isin(tokens, spec.punctuation)
+    clear = not_punct.copy()  # clear[i]: no punctuation in (i - d, i], built up over d
+    for d in range(1, spec.negation_window + 1):
+        if d > 1:
+            clear = clear & _shift(not_punct, d - 1, True)
+        scope |= _shift(is_neg, d, False) & clear
+    return scope
+
+
+def _shift(values: npt.NDArray[np.bool_], d: int, fill: bool) -> npt.NDArray[np.bool_]:
+    """``values`` moved ``d`` positions right (``out[i] = values[i - d]``), ``fill`` at the start."""
+    out = np.full(len(values), fill, dtype=bool)
+    if d < len(values):
+        out[d:] = values[: len(values) - d]
+    return out
+
+
 def feature_ids(ids: Sequence[int], spec: FeatureSpec) -> Ids:
-    """Unigram ids followed by hashed bigram ids, as the ONNX graph computes them."""
+    """Unigram ids (negated copies inside a negation scope) followed by hashed bigram ids, as the graph."""
     tokens = np.asarray(ids, dtype=np.int64)
+    unigrams = np.where(negation_scope(tokens, spec), spec.negated_offset + tokens, tokens)
     bigrams = spec.vocab_size + (tokens[:-1] * spec.multiplier + tokens[1:]) % spec.buckets
-    out: Ids = np.concatenate([tokens, bigrams])
+    out: Ids = np.concatenate([unigrams, bigrams])
     return out
 
 

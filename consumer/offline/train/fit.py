@@ -24,6 +24,7 @@ from consumer.offline.train.features import (
     Ints,
     Progress,
     count_matrix,
+    feature_spec,
     train_tokenizer,
 )
 from consumer.small.calibration import fit_temperature
@@ -40,7 +41,8 @@ class TrainConfig:
     vocab_size: int = 20_000
     min_frequency: int = 2
     buckets: int = 2**18
-    max_tokens: int = 256
+    max_tokens: int = 384
+    negation_window: int = 3
     c_grid: tuple[float, ...] = (10.0, 30.0, 100.0, 300.0)
     folds: int = 5
     nb_power: float = 0.5
@@ -133,12 +135,13 @@ def fit_logistic(x: Any, targets: Floats, weights: Floats, c: float, max_iter: i
     return coef, bias
 
 
-def fit_linear(counts: Any, targets: Floats, weights: Floats, c: float, config: TrainConfig) -> LinearModel:
-    """Fit scale and weights on ``counts`` and fold them into one table."""
+def fit_linear(
+    counts: Any, targets: Floats, weights: Floats, c: float, config: TrainConfig, *, spec: FeatureSpec
+) -> LinearModel:
+    """Fit scale and weights on ``counts`` (laid out by ``spec``) and fold them into one table."""
     scale = feature_scale(counts, targets, weights, config.nb_power, config.nb_alpha)
     coef, bias = fit_logistic(normalise(counts, scale), targets, weights, c, config.max_iter)
     table = np.hstack([coef * scale[:, None], (scale**2)[:, None]]).astype(np.float32)
-    spec = FeatureSpec(counts.shape[1] - config.buckets, config.buckets, max_tokens=config.max_tokens)
     return LinearModel(spec=spec, table=table, bias=bias.astype(np.float32))
 
 
@@ -173,6 +176,16 @@ def cross_validate(logits_fn: LogitsFn, targets: Floats, config: TrainConfig, pr
     return CrossValidation(c=best[0], accuracy=accuracy, oof_logits=best[2])
 
 
+@dataclass(frozen=True, slots=True)
+class ExtraData:
+    """Labelled texts added to the fitting side of every fold and of the final fit, never evaluated on:
+    e.g. the UCI sentences beside the Amazon reviews. ``weight`` is each text's sample weight."""
+
+    texts: Sequence[str]
+    targets: Floats
+    weight: float = 1.0
+
+
 def train(
     texts: Sequence[str],
     targets: Floats,
@@ -182,11 +195,12 @@ def train(
     config: TrainConfig | None = None,
     tokenizer: Tokenizer | None = None,
     progress: Progress | None = None,
+    extra: ExtraData | None = None,
 ) -> TrainedModel:
     """Train tokenizer (unless given), choose C by k-fold, fit on everything, calibrate on out-of-fold logits.
 
-    ``targets`` is n x C probabilities (use :func:`one_hot` for hard labels), columns in ``labels`` order.
-    """
+    ``targets`` is n x C probabilities (use :func:`one_hot` for hard labels), columns in ``labels`` order;
+    ``extra`` data join every fit (not the tokenizer, not the folds' evaluation, not the temperature)."""
     config = config or TrainConfig()
     say = progress or (lambda _message: None)
     targets = _check_targets(targets, len(texts), len(labels))
@@ -194,18 +208,35 @@ def train(
     if tokenizer is None:
         say(f"training a BPE tokenizer (vocab {config.vocab_size}) on {len(texts)} texts")
         tokenizer = train_tokenizer(texts, config.vocab_size, config.min_frequency)
-    spec = FeatureSpec(tokenizer.get_vocab_size(), config.buckets, max_tokens=config.max_tokens)
+    spec = feature_spec(tokenizer, config.buckets, config.max_tokens, config.negation_window)
     counts = count_matrix(tokenizer, texts, spec)
+    extra_counts, extra_targets, extra_weights = _extra_parts(extra, tokenizer, spec, len(labels), say)
+
+    def fit(idx: Ints, c: float) -> LinearModel:
+        x = sparse.vstack([counts[idx], extra_counts]).tocsr()
+        y = np.vstack([targets[idx], extra_targets])
+        return fit_linear(x, y, np.concatenate([weights[idx], extra_weights]), c, config, spec=spec)
 
     def fold_logits(fit_idx: Ints, eval_idx: Ints, c: float) -> Floats:
-        return fit_linear(counts[fit_idx], targets[fit_idx], weights[fit_idx], c, config).logits(counts[eval_idx])
+        return fit(fit_idx, c).logits(counts[eval_idx])
 
     cv = cross_validate(fold_logits, targets, config, say)
     temperature = fit_temperature(cv.oof_logits, targets)
     say(f"chose C={cv.c:g}; temperature {temperature:.3f} from out-of-fold logits; fitting on all data")
-    model = fit_linear(counts, targets, weights, cv.c, config)
+    model = fit(np.arange(len(texts)), cv.c)
     log.info("training.done", samples=len(texts), labels=list(labels), c=cv.c, temperature=temperature)
     return TrainedModel(tuple(labels), tokenizer, model, temperature, cv, config)
+
+
+def _extra_parts(
+    extra: ExtraData | None, tokenizer: Tokenizer, spec: FeatureSpec, n_labels: int, say: Progress
+) -> tuple[Any, Floats, Floats]:
+    """Counts, targets and weights of the extra data (empty without any)."""
+    if extra is None or not len(extra.texts):
+        return sparse.csr_matrix((0, spec.width)), np.zeros((0, n_labels)), np.zeros(0)
+    targets = _check_targets(extra.targets, len(extra.texts), n_labels)
+    say(f"adding {len(extra.texts)} extra texts (weight {extra.weight:g}) to every fit")
+    return count_matrix(tokenizer, extra.texts, spec), targets, np.full(len(extra.texts), extra.weight)
 
 
 def _check_targets(targets: Floats, n: int, n_labels: int) -> Floats:

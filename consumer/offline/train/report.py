@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from consumer.offline import selective
 from consumer.offline.train.features import Floats, Ints, Progress
 from consumer.offline.train.fit import CrossValidation, TrainConfig, cross_validate, fit_logistic
 from consumer.small.calibration import RELIABILITY_BINS, ece_of, fit_temperature, nll, softmax
@@ -38,6 +39,11 @@ def confidence_deciles(probs: Floats, truth: Ints) -> list[dict[str, float]]:
     return out
 
 
+def aurc(probs: Floats, truth: Ints) -> float:
+    """Area under the risk-coverage curve of a probability matrix (:func:`consumer.offline.selective.aurc`)."""
+    return selective.aurc(probs.max(axis=1).tolist(), (probs.argmax(axis=1) == truth).tolist())
+
+
 def evaluate(logits: Floats, truth: Ints, temperature: float) -> dict[str, Any]:
     """Accuracy, NLL and ECE before and after temperature scaling, and the confidence deciles after."""
     targets = np.eye(logits.shape[1])[truth]
@@ -51,6 +57,7 @@ def evaluate(logits: Floats, truth: Ints, temperature: float) -> dict[str, Any]:
         "ece_before": expected_calibration_error(raw, truth),
         "ece_after": expected_calibration_error(tempered, truth),
         "deciles": confidence_deciles(tempered, truth),
+        "aurc": aurc(tempered, truth),
         "thresholds": threshold_coverage(tempered, truth),
     }
 

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from consumer.offline import datasets
 from consumer.offline.train.export import write_model_folder
 from consumer.offline.train.features import Floats, Ints, Progress, encode_ids, one_hot, token_prefix
-from consumer.offline.train.fit import CrossValidation, TrainConfig, train
+from consumer.offline.train.fit import CrossValidation, ExtraData, TrainConfig, train
 from consumer.offline.train.report import evaluate, tfidf_baseline
 from consumer.small.scoring import OnnxScorer
 
@@ -27,26 +27,33 @@ def test_logits(folder: Path, texts: Sequence[str], max_tokens: int) -> Floats:
 
 
 def run_training(
-    rows: list[dict[str, Any]], out: Path, config: TrainConfig, test_share: float, baseline: bool, *, progress: Progress
+    rows: list[dict[str, Any]],
+    out: Path,
+    config: TrainConfig,
+    test_share: float,
+    baseline: bool,
+    *,
+    progress: Progress,
+    extra_rows: Sequence[dict[str, Any]] = (),
+    extra_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """Split, train, write, evaluate; return the metrics document."""
+    """Split, train, write, evaluate; return the metrics document.
+
+    ``extra_rows`` (e.g. the UCI sentences) join every fit with weight ``extra_weight``; they are never
+    in a fold's evaluation, the temperature or the test split."""
     train_rows, test_rows = datasets.split_amazon(rows, test_share=test_share, seed=config.seed)
     labels = tuple(sorted({str(row["label"]) for row in rows}))
     texts = [str(row["text"]) for row in train_rows]
     targets = one_hot([str(row["label"]) for row in train_rows], labels)
     progress(f"[bold]train[/] {len(train_rows)} reviews, [bold]test[/] {len(test_rows)} (never seen)")
+    extra = _extra_data(extra_rows, extra_weight, labels)
     started = time.perf_counter()
-    trained = train(texts, targets, labels, config=config, progress=progress)
+    trained = train(texts, targets, labels, config=config, progress=progress, extra=extra)
     train_seconds = time.perf_counter() - started
     version = write_model_folder(out, trained)
     test_texts = [str(row["text"]) for row in test_rows]
     truth = one_hot([str(row["label"]) for row in test_rows], labels).argmax(axis=1)
-    logits = test_logits(out, test_texts, config.max_tokens)
-    ours = evaluate(logits, truth, trained.temperature)
-    ours["accuracy_by_domain"] = _by_domain(logits, truth, [str(row.get("domain")) for row in test_rows])
-    # Truncating at max + 1 tells which reviews are longer than max without tokenising them whole twice.
-    longer = encode_ids(trained.tokenizer, test_texts, config.max_tokens + 1)
-    ours["share_truncated"] = float(np.mean([len(ids) > config.max_tokens for ids in longer]))
+    ours = _test_figures(out, trained.tokenizer, trained.temperature, test_rows, truth, max_tokens=config.max_tokens)
     metrics: dict[str, Any] = {
         "model": {"version": version, "cv": _cv(trained.cv), "train_seconds": round(train_seconds, 1)},
         "data": _data_summary(rows, train_rows, test_rows, config.seed, test_share),
@@ -57,6 +64,33 @@ def run_training(
             texts, targets, test_texts, truth, trained.tokenizer, config=config, progress=progress
         )
     return metrics
+
+
+def _test_figures(
+    out: Path,
+    tokenizer: Tokenizer,
+    temperature: float,
+    test_rows: list[dict[str, Any]],
+    truth: Ints,
+    *,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """The written folder's figures on the test split, by domain, and the share it truncates."""
+    test_texts = [str(row["text"]) for row in test_rows]
+    logits = test_logits(out, test_texts, max_tokens)
+    ours = evaluate(logits, truth, temperature)
+    ours["accuracy_by_domain"] = _by_domain(logits, truth, [str(row.get("domain")) for row in test_rows])
+    # Truncating at max + 1 tells which reviews are longer than max without tokenising them whole twice.
+    longer = encode_ids(tokenizer, test_texts, max_tokens + 1)
+    ours["share_truncated"] = float(np.mean([len(ids) > max_tokens for ids in longer]))
+    return ours
+
+
+def _extra_data(rows: Sequence[dict[str, Any]], weight: float, labels: Sequence[str]) -> ExtraData | None:
+    if not rows or weight <= 0:
+        return None
+    targets = one_hot([str(row["label"]) for row in rows], labels)
+    return ExtraData([str(row["text"]) for row in rows], targets, weight)
 
 
 def _by_domain(logits: Floats, truth: Ints, domains: list[str]) -> dict[str, float]:

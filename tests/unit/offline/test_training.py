@@ -119,6 +119,52 @@ def test_graph_hashes_bigrams_like_numpy() -> None:
     assert training.feature_ids([], spec).tolist() == []
 
 
+def test_negation_scope_marks_the_next_tokens_up_to_punctuation() -> None:
+    spec = training.FeatureSpec(vocab_size=50, buckets=16, negation_window=3, negators=(5,), punctuation=(9,))
+    ids = np.array([5, 1, 2, 3, 4, 5, 1, 9, 2, 5])
+    assert training.negation_scope(ids, spec).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 1, 0, 0, 0]
+    unigrams = training.feature_ids(ids.tolist(), spec)[: len(ids)]
+    assert unigrams.tolist() == [5, 67, 68, 69, 4, 5, 67, 9, 2, 5]
+    assert not training.negation_scope(ids, training.FeatureSpec(vocab_size=50, buckets=16)).any()
+
+
+def test_graph_marks_negation_like_numpy(tmp_path: Path) -> None:
+    texts, names = tiny_corpus()
+    texts += ["it is not great, really", "i don't love it at all", "not awful. perfect"] * 5
+    names += ["negative", "negative", "positive"] * 5
+    labels = ("negative", "positive")
+    trained = training.train(texts, training.one_hot(names, labels), labels, config=TINY)
+    assert trained.model.spec.negation_window == 3 and trained.model.spec.negators
+    training.write_model_folder(tmp_path, trained, name="tiny")
+    assert orjson.loads((tmp_path / "config.json").read_bytes())["features"]["negation_window"] == 3
+    scorer = OnnxScorer.load(tmp_path)
+    probe = ["not great", "not", "great. not", "i didn't love it, not at all great!", "", "no no no no love"]
+    graph = scorer.logits(scorer.encode(probe))
+    counts = training.count_matrix(trained.tokenizer, probe, trained.model.spec)
+    np.testing.assert_allclose(graph, trained.model.logits(counts), rtol=1e-4, atol=1e-4)
+    for text in probe:  # batch 1: sequences shorter than the window
+        one = scorer.logits(scorer.encode([text]))
+        alone = trained.model.logits(training.count_matrix(trained.tokenizer, [text], trained.model.spec))
+        np.testing.assert_allclose(one, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_extra_data_join_every_fit_but_not_the_folds() -> None:
+    texts, names = tiny_corpus()
+    labels = ("negative", "positive")
+    extra = training.ExtraData(["great love", "awful waste"], training.one_hot(["positive", "negative"], labels), 0.5)
+    trained = training.train(texts, training.one_hot(names, labels), labels, config=TINY, extra=extra)
+    assert trained.cv.oof_logits.shape == (len(texts), 2)
+    plain = training.train(texts, training.one_hot(names, labels), labels, config=TINY)
+    assert not np.array_equal(trained.model.table, plain.model.table)  # the extra texts did fit the weights
+
+
+def test_aurc_is_the_mean_risk_over_coverage() -> None:
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    truth = np.array([0, 1, 1, 1])  # by confidence: right, wrong, right, right
+    assert training.aurc(probs, truth) == pytest.approx((0 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert training.aurc(probs, probs.argmax(axis=1)) == 0.0
+
+
 def test_token_prefix_covers_what_the_model_sees(trained: training.TrainedModel) -> None:
     text = " ".join(itertools.islice(itertools.cycle(GOOD), 40))
     (prefix,) = training.token_prefix(trained.tokenizer, [text], 10)
