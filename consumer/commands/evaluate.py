@@ -115,6 +115,7 @@ def _print(console: Console, report: Mapping[str, Any], out: Path) -> None:
     console.print(_baselines_table(report))
     console.print(_sweep_table(report))
     console.print(_choices_table(report))
+    _print_selective(console, report["calibration"])
     pick = report["recommended"]
     if pick["point"] is None:
         console.print("[yellow]No swept threshold meets the goal; see the table above.[/]")
@@ -183,6 +184,16 @@ def _choices_table(report: Mapping[str, Any]) -> Table:
             table.add_row(choice["description"], point["name"], f"{point['threshold']:g}",
                           percent(point["accuracy"], 2), percent(point["cost_ratio"]))  # fmt: skip
     return table
+
+
+def _print_selective(console: Console, calibration: Mapping[str, Any]) -> None:
+    if "selective_accuracy" not in calibration:
+        return
+    curve = ", ".join(f"{c['coverage']:.0%} {percent(c['accuracy'])}" for c in calibration["selective_accuracy"])
+    console.print(
+        f"Small model, accuracy on the share it keeps (most confident first): {curve}; "
+        f"AURC {calibration['aurc']:.4f}, ECE {percent(calibration['ece'], 2)}"
+    )
 
 
 def _print_risk(console: Console, risk: Mapping[str, Any]) -> None:

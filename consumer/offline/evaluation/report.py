@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import LlmConfig, Settings
+from consumer.offline import selective
 from consumer.offline.evaluation.arithmetic import (
     METHOD_NAMES,
     Item,
@@ -51,14 +52,21 @@ def choice_json(choice: Choice) -> dict[str, Any]:
     }
 
 
-def calibration_json(bins: Sequence[Bin], plot: str) -> dict[str, Any]:
-    """The reliability diagram's numbers and where it was drawn."""
-    return {
+def calibration_json(
+    bins: Sequence[Bin], plot: str, confidences: Sequence[float] = (), correct: Sequence[bool] = ()
+) -> dict[str, Any]:
+    """The reliability diagram's numbers and where it was drawn; with the per-review confidences and
+    correctness, also the small model's selective accuracy by coverage and its AURC."""
+    out: dict[str, Any] = {
         "bins": len(bins),
         "ece": expected_calibration_error(bins),
         "plot": plot,
         "table": [asdict(b) for b in bins],
     }
+    if len(confidences):
+        out["aurc"] = selective.aurc(confidences, correct)
+        out["selective_accuracy"] = selective.selective_accuracy(confidences, correct)
+    return out
 
 
 def sweep_json(swept: Mapping[Method, Sequence[Point]]) -> list[dict[str, Any]]:
@@ -127,12 +135,13 @@ def _results(items: Sequence[Item], thresholds: Sequence[float], cost_cap: float
     llm = llm_alone(items)
     swept = sweep(items, thresholds)
     found = {method: choices(swept[method], method, llm.accuracy, cost_cap) for method in swept}
-    bins = reliability([i.confidence for i in items], [i.small == i.truth for i in items])
+    confidences, correct = [i.confidence for i in items], [i.small == i.truth for i in items]
+    bins = reliability(confidences, correct)
     return {
         "small_alone": point_json(small_alone(items)),
         "llm_alone": point_json(llm),
         "sweep": sweep_json(swept),
         "choices": {method: [choice_json(c) for c in chosen] for method, chosen in found.items()},
         "recommended": choice_json(recommended(found[SERVICE_METHOD], cost_cap)),
-        "calibration": calibration_json(bins, RELIABILITY_PLOT),
+        "calibration": calibration_json(bins, RELIABILITY_PLOT, confidences, correct),
     }
