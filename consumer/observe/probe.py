@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from consumer.config import Settings
 from consumer.kafka.sink import OnDelivered, Outgoing
-from consumer.llm.prompting import S4L_NOHINT_V1, S4L_V1
+from consumer.llm.prompting import S4L_NOHINT_V1, S4L_V2
 from consumer.observe.meter import Counts, Meter, PoolCountersView, Window
 from consumer.records import TopicPartition as TP
 
@@ -92,7 +92,7 @@ class ServiceInfo:
             instance_id=settings.metrics.instance_id,
             group_id=settings.kafka.group_id,
             threshold=settings.router.threshold,
-            prompt_version=S4L_V1 if settings.llm.hint else S4L_NOHINT_V1,
+            prompt_version=S4L_V2 if settings.llm.hint else S4L_NOHINT_V1,
             llm_model=settings.llm.model,
         )
 

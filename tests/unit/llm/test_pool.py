@@ -65,7 +65,7 @@ async def test_an_answer_carries_model_tokens_cost_latency_version_and_attempts(
         outcome = await pool.label(scored("Lovely kettle, boils fast."))
         stats = pool.stats()
     assert isinstance(outcome, LlmAnswer)
-    assert outcome.label in TWO and outcome.model == "standin" and outcome.prompt_version == "s4l-v1"
+    assert outcome.label in TWO and outcome.model == "standin" and outcome.prompt_version == "s4l-v2"
     assert outcome.attempts == 1 and not outcome.cached and outcome.latency_ms >= 5
     price = llm_config(url).price()
     expected = (outcome.prompt_tokens * price.input_per_mtok + outcome.completion_tokens * price.output_per_mtok) / 1e6
@@ -184,14 +184,12 @@ async def test_the_s4l_prompt_carries_the_hint_and_the_pruned_labels() -> None:
         plain = await pool.label(scored("It is fine I guess", THREE), prompt="plain")
     s4l_sent, plain_sent = payloads(server)
     assert s4l_sent["allowed_labels"] == ["neutral", "positive"]  # 0.92 + 0.05 covers 0.95: two are enough
-    assert s4l_sent["hint"] == [
-        {"label": "positive", "probability": 0.92},
-        {"label": "neutral", "probability": 0.05},
-    ]
+    assert s4l_sent["hint"] == {"positive": 0.92, "neutral": 0.05}  # s4l-v2: the same pairs, most probable first
+    assert list(s4l_sent["hint"]) == ["positive", "neutral"]
     schema = server.stats()["recent_requests"][0]["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["label"]["enum"] == ["neutral", "positive"]
     assert plain_sent["allowed_labels"] == ["negative", "neutral", "positive"] and "hint" not in plain_sent
-    assert isinstance(s4l, LlmAnswer) and s4l.prompt_version == "s4l-v1"
+    assert isinstance(s4l, LlmAnswer) and s4l.prompt_version == "s4l-v2"
     assert isinstance(plain, LlmAnswer) and plain.prompt_version == "plain-v1"
 
 

@@ -13,6 +13,7 @@ from consumer.llm.prompting import (
     PLAIN_V1,
     S4L_NOHINT_V1,
     S4L_V1,
+    S4L_V2,
     build_prompt,
     count_prompt_tokens,
     count_tokens,
@@ -21,6 +22,7 @@ from consumer.llm.prompting import (
     normalise_text,
     parse_payload,
     prune_labels,
+    top_labels,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -57,9 +59,10 @@ def test_pruning_properties(probs: dict[str, float], mass: float) -> None:
         assert sum(probs[label] for label in kept) - min(probs[label] for label in kept) < mass + 1e-9
 
 
-def test_s4l_prompt_carries_the_pruned_labels_and_the_hint() -> None:
-    prompt = build_prompt("Great kettle.", THREE, "s4l", prompt_mass=0.95)
-    assert prompt.version == S4L_V1
+@pytest.mark.parametrize(("compact", "version"), [(True, S4L_V2), (False, S4L_V1)])
+def test_s4l_prompt_carries_the_pruned_labels_and_the_hint(compact: bool, version: str) -> None:
+    prompt = build_prompt("Great kettle.", THREE, "s4l", prompt_mass=0.95, compact=compact)
+    assert prompt.version == version
     assert prompt.allowed_labels == ("neutral", "positive")
     payload = parse_payload(prompt.messages)
     assert payload.review == "Great kettle."
@@ -127,5 +130,23 @@ def test_normalise_text() -> None:
 
 def test_parse_payload_rejects_a_broken_hint() -> None:
     line = orjson.dumps({"review": "x", "allowed_labels": ["a", "b"], "hint": [{"label": "a"}]}).decode()
+    with pytest.raises(ValueError, match="hint"):
+        parse_payload([{"role": "user", "content": "preface\n" + line}])
+
+
+def test_the_compact_s4l_prompt_is_cheaper_than_v1_and_plain() -> None:
+    text = "A kettle that boils fast and pours cleanly. " * 10
+    probs = {"negative": 0.027, "positive": 0.973}
+    v1, v2, plain = (
+        count_prompt_tokens(build_prompt(text, probs, kind, compact=compact).messages)
+        for kind, compact in (("s4l", False), ("s4l", True), ("plain", True))
+    )
+    assert v2 < plain < v1
+
+
+def test_the_compact_hint_reads_back_most_probable_first_and_a_broken_one_is_refused() -> None:
+    prompt = build_prompt("Fine.", THREE, "s4l", prompt_mass=1.0)
+    assert parse_payload(prompt.messages).hint == tuple(top_labels(THREE, prompt.allowed_labels))
+    line = orjson.dumps({"review": "x", "allowed_labels": ["a", "b"], "hint": {"a": "high"}}).decode()
     with pytest.raises(ValueError, match="hint"):
         parse_payload([{"role": "user", "content": "preface\n" + line}])

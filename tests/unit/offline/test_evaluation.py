@@ -25,6 +25,7 @@ from consumer.commands.evaluate import command
 from consumer.config import DEFAULT_MODEL_DIR, PriceConfig, load_settings
 from consumer.llm.prompting import build_prompt, count_prompt_tokens
 from consumer.offline import evaluation as ev
+from consumer.offline import selective
 from consumer.offline.train import expected_calibration_error
 from consumer.sandbox.standin import StandinConfig, StandinServer
 from consumer.small import calibration
@@ -340,11 +341,15 @@ def test_eval_from_a_replay_file_writes_the_report_answers_and_plots(
     assert first["ds"]["accuracy"] == report["small_alone"]["accuracy"]
     assert last["threshold"] == 1.0 and last["ds"]["llm_share"] == 1.0
     assert last["ds"]["cost_ratio"] == pytest.approx(1.0) and last["ds"]["accuracy"] == pytest.approx(10 / 12)
-    assert last["ds_plus"]["cost_ratio"] > 1.0  # the S4L prompt carries the hint: it costs more per review
+    assert last["ds_plus"]["cost_ratio"] < 1.0  # s4l-v2 carries the hint in fewer tokens than plain-v1
     assert report["recommended"]["method"] == "ds_plus"
     if report["recommended"]["point"] is not None:
         assert report["recommended"]["env"] == f"SHUNT_ROUTER__THRESHOLD={report['recommended']['threshold']!r}"
     assert report["calibration"]["bins"] == 15 and 0.0 <= report["calibration"]["ece"] <= 1.0
+    curve = report["calibration"]["selective_accuracy"]
+    assert [c["coverage"] for c in curve] == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert curve[-1]["accuracy"] == pytest.approx(report["small_alone"]["accuracy"])
+    assert 0.0 <= report["calibration"]["aurc"] <= 1.0
     for name in ("tradeoff.png", "reliability.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     answers = [orjson.loads(line) for line in (out / "answers.jsonl").read_bytes().splitlines()]
@@ -414,3 +419,16 @@ def test_eval_max_error_prints_the_certified_tau_and_sweeps_at_it(
     assert risk["env"] == f"SHUNT_ROUTER__THRESHOLD={risk['threshold']!r}"
     strict = run_eval(*args, "--out", str(tmp_path / "strict"), "--max-error", "0.01")["risk"]
     assert strict["threshold"] is None and strict["share_to_llm"] == 1.0  # 12 reviews can never certify 1%
+
+
+def test_selective_accuracy_and_aurc_rank_by_confidence() -> None:
+    confidences = [0.99, 0.6, 0.9, 0.7, 0.8, 0.95, 0.55, 0.65, 0.85, 0.75]
+    correct = [True, False, True, True, False, True, False, True, True, True]
+    curve = selective.selective_accuracy(confidences, correct, (0.5, 1.0))
+    # the 5 most confident: 0.99 0.95 0.9 0.85 0.8 -> right, right, right, right, wrong
+    assert curve[0] == {"coverage": 0.5, "accuracy": 0.8, "min_confidence": 0.8}
+    assert curve[1]["accuracy"] == pytest.approx(0.7) and curve[1]["min_confidence"] == 0.55
+    ranked = [True, True, True, True, False, True, True, True, False, False]
+    risks = [1 - sum(ranked[:k]) / k for k in range(1, 11)]
+    assert selective.aurc(confidences, correct) == pytest.approx(sum(risks) / 10)
+    assert selective.selective_accuracy([], []) == [] and np.isnan(selective.aurc([], []))

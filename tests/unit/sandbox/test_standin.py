@@ -146,7 +146,7 @@ async def test_usage_is_reported_and_bodies_are_kept_bounded(http: aiohttp.Clien
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert stats["prompt_tokens"] >= 5 * 50
     assert [b["messages"][1]["content"].endswith(f'"review {i}","allowed_labels":["negative","positive"],"hint"'
-            ':[{"label":"negative","probability":0.5},{"label":"positive","probability":0.5}]}')
+            ':{"negative":0.5,"positive":0.5}}')
             for i, b in zip(range(2, 5), stats["recent_requests"], strict=True)] == [True] * 3  # fmt: skip
 
 
