@@ -49,6 +49,15 @@ def _latency(ctx: click.Context, param: click.Parameter, value: str) -> tuple[fl
 @click.option("--batch-turnaround-s", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="How long the stand-in's Batch API takes to finish a batch.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the reviews and the stand-in.")
+@click.option("--drift", is_flag=True, help="The closed loop: the stream turns hard halfway; audits watch the small "
+              "model, the drift alarm fires and the risk rule raises tau.")  # fmt: skip
+@click.option(
+    "--budget",
+    "budget_usd_per_hour",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="USD_PER_HOUR",
+    help="The closed loop: cap the LLM spend at this rate; the cap lowers tau, then takes the fallback.",
+)
 @click.option("--small", is_flag=True, help="A CI-sized run: 300 reviews at 100/s.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the summary as JSON to this file.")  # fmt: skip
@@ -125,11 +134,31 @@ def render_summary(s: Summary) -> Table:
     return table
 
 
+def _loop_rows(loop: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The closed loop at the end: tau in force, agreement with the LLM on audits, the alarm, the cap."""
+    if loop is None or (not loop["totals"]["audits"] and loop["budget"] is None):
+        return []
+    totals, a = loop["totals"], loop["totals"]["agreement"]
+    agreement = (
+        "-" if a["estimate"] is None else f"{percent(a['estimate'])} [{percent(a['low'])}, {percent(a['high'])}]"
+    )
+    rows = [
+        ("closed loop", f"tau {loop['threshold']} ({loop['mode']}, {totals['threshold_changes']} changes); drift alarm "
+                        f"{'FIRING' if loop['drift_alarm'] else 'quiet'}"),
+        ("audits", f"{totals['audits']} shadow requests ({usd(totals['audit_cost_usd'])}), agreement {agreement}"),
+    ]  # fmt: skip
+    if (budget := loop["budget"]) is not None:
+        rows.append(("spend cap", f"{usd(budget['usd_per_hour'])}/h: {totals['budget_fallbacks']} budget fallbacks, "
+                                  f"tau allowed by the cap {budget['threshold']:.3f}"))  # fmt: skip
+    return rows
+
+
 def _summary_rows(s: Summary) -> list[tuple[str, str]]:
     acc, m = s.accuracy, s.money
     source = "the service's metrics topic" if m.source == "metrics" else "the outputs, priced like the service's meter"
     if m.source == "metrics":
-        source += f"; the outputs' cost_usd add up to {usd(m.outputs_spend_usd)}"
+        audits = f" with the audits' {usd(m.audit_usd)}" if m.audit_usd else ""
+        source += f"; the outputs' cost_usd{audits} add up to {usd(m.outputs_spend_usd)}"
     llm_note = f"stand-in oracle, {percent(s.llm_accuracy[0], 0)} / {percent(s.llm_accuracy[1], 0)} on hard reviews"
     checked = f"{s.llm_as_predicted}/{s.llm_checked} online answers matched the offline oracle"
     return [
@@ -144,6 +173,7 @@ def _summary_rows(s: Summary) -> list[tuple[str, str]]:
         ("accuracy: LLM only", f"{percent(acc['llm'])}  ({llm_note}; {checked})"),
         ("accuracy: the shunt", percent(acc["shunt"])),
         ("LLM spend", f"{usd(m.spend_usd)}  ({source})"),
+        *_loop_rows(s.loop),
         ("all-LLM baseline", f"{usd(m.baseline_usd)}  (had every review gone to the LLM)"),
         ("saved", f"{usd(m.savings_usd)}  (paid {percent(m.cost_ratio)} of the baseline)"),
         ("latency ms, all", _latency_row(s.latency_ms, "all")),

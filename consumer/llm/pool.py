@@ -77,7 +77,7 @@ class LlmPool:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, self._clock)
         self._budget = RetryBudget(config.retry_budget_ratio, retry_floor, self._clock)
         self._cache = LlmCache(config.cache_size, config.cache_max_bytes)
-        slots = max(1, config.max_concurrency // 8)  # audits never take more of the workers than this
+        slots = max(1, config.max_concurrency // 4)  # audits never take more of the workers than this
         self._queue = Lanes(config.queue_high_water, max(1, config.queue_low_water // 10), slots)
         self._counters = Counters()
         self._flights: dict[CacheKey, asyncio.Future[LlmOutcome]] = {}

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from consumer.stream.risk import Interval, clopper_pearson, clopper_pearson_lower, min_support, risk_threshold
+from consumer.stream.risk import Interval, clopper_pearson, clopper_pearson_lower, risk_threshold
 
 Clock = Callable[[], float]
 
@@ -114,10 +114,10 @@ class AdaptiveThreshold:
 
     Every ``every`` new samples the target tau is recomputed over the last ``window`` samples; the tau in
     force moves towards it by at most ``step``, and only when the gap exceeds ``hysteresis``. With no
-    certified tau the target is the ceiling (send nearly everything uncertain to the LLM) — once the window
-    holds enough samples for the rule to certify anything (:func:`~consumer.stream.risk.min_support`).
-    Before that, lack of evidence is not evidence: the tau in force stays unless the samples at or above it
-    refute it (the lower bound on their error is above ``max_error``), which sends it towards the ceiling."""
+    certified tau the target is the ceiling (send nearly everything uncertain to the LLM) when the samples at
+    or above the tau in force refute it (the lower bound on their error is above ``max_error``); otherwise the
+    tau in force (certified offline, by ``shunt eval --max-error``) stays: too few samples to certify a tau
+    online is a lack of evidence, not evidence against it."""
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class AdaptiveThreshold:
         )
         if choice.threshold is not None:
             target = min(max(choice.threshold, self._bounds[0]), self._bounds[1])
-        elif len(self._samples) >= min_support(self._max_error, 1.0 - self._risk) or self.refuted():
+        elif self.refuted():
             target = self._bounds[1]
         else:
             return None

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from consumer.config import Settings, load_settings
 from consumer.errors import ShuntError
+from consumer.sandbox.reviewgen import SyntheticReview, generate
 from consumer.small.scoring import REQUIRED_FILES
 
 _SMALL_REVIEWS = 300
@@ -42,6 +43,8 @@ class DemoOptions:
     log_level: str = "warning"
     lane: Literal["online", "batch", "overflow"] = "online"
     batch_turnaround_s: float = 5.0  # the stand-in's Batch API answers this long after a batch is created
+    drift: bool = False  # the closed loop: the stream turns hard (mixed, sarcastic) halfway; audits, adaptive tau
+    budget_usd_per_hour: float | None = None  # the closed loop: a spend cap that binds (budget.priority spend)
 
     @classmethod
     def small(cls, **given: Any) -> DemoOptions:
@@ -125,11 +128,33 @@ def demo_settings(run: RunInfo, llm_url: str) -> Settings:
             "log_level": options.log_level,
         },
     }
-    if options.threshold is not None:
-        overrides["router"] = {"threshold": options.threshold}
+    overrides |= closed_loop_settings(options)
     if options.lane == "overflow":
         overrides["llm"] |= {"queue_high_water": _OVERFLOW_HIGH_WATER, "queue_low_water": _OVERFLOW_HIGH_WATER // 2}
     return load_settings(None, overrides)
+
+
+def closed_loop_settings(options: DemoOptions) -> dict[str, Any]:
+    """``--drift``: audit 10% of the small path, alarm under 90% agreement, let the risk rule move tau.
+    ``--budget``: cap the LLM spend; the cap lowers tau (to 0.5 at most) and past that takes the fallback."""
+    settings: dict[str, Any] = {}
+    if options.drift:
+        settings["audit"] = {"rate": 0.1, "window": 30, "min_agreement": 0.9, "seed": options.seed}
+        settings["router"] = {"mode": "adaptive", "max_error": 0.05}
+    if options.budget_usd_per_hour is not None:
+        settings["budget"] = {"usd_per_hour": options.budget_usd_per_hour, "priority": "spend", "min_threshold": 0.5}
+    if options.threshold is not None:
+        settings["router"] = settings.get("router", {}) | {"threshold": options.threshold}
+    return settings
+
+
+def demo_reviews(options: DemoOptions) -> list[SyntheticReview]:
+    """The stream; with ``drift`` its second half is mostly hard reviews (the small model's blind spot)."""
+    if not options.drift:
+        return list(generate(options.reviews, seed=options.seed, prefix="demo"))
+    half = options.reviews // 2
+    calm = generate(half, seed=options.seed, prefix="demo")
+    return [*calm, *generate(options.reviews - half, seed=options.seed + 1, hard_share=1.0, prefix="drift")]
 
 
 def check_model(path: Path) -> None:

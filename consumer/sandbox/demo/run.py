@@ -25,13 +25,12 @@ import structlog
 from consumer.aio import background, cancel_and_wait, signal_handlers, wait_until
 from consumer.config import Settings, load_settings
 from consumer.observe.meter import Meter
-from consumer.sandbox.demo.options import DemoError, DemoOptions, RunInfo, check_model, demo_settings
+from consumer.sandbox.demo.options import DemoError, DemoOptions, RunInfo, check_model, demo_reviews, demo_settings
 from consumer.sandbox.demo.reader import OutputReader
 from consumer.sandbox.demo.stream import TICK_S, StreamProducer, create_topics, delete_run
 from consumer.sandbox.demo.summary import Snapshot, Summary, View, summarise
 from consumer.sandbox.demo.tally import Tally, make_truth, standin_config, write_labels
 from consumer.sandbox.embedded_broker import EmbeddedBroker
-from consumer.sandbox.reviewgen import generate
 from consumer.sandbox.standin import StandinServer, make_policy
 
 log = structlog.get_logger(__name__)
@@ -100,7 +99,7 @@ class Demo:
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> tuple[Tally, Settings]:
         run = self.run_info
-        reviews = list(generate(run.options.reviews, seed=run.options.seed, prefix="demo"))
+        reviews = demo_reviews(run.options)
         config = standin_config(run.options, write_labels(reviews, run.workdir / "labels.jsonl"))
         policy = make_policy(config)
         self.phase = "creating topics"

@@ -60,7 +60,8 @@ class Money:
     savings_usd: float
     cost_ratio: float | None
     source: str
-    outputs_spend_usd: float
+    outputs_spend_usd: float  # the outputs' cost_usd, plus the audits' (shadow requests have no output)
+    audit_usd: float = 0.0  # in spend_usd too
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Summary:
     lane: str = "online"
     lanes: dict[str, int] = field(default_factory=dict)  # LLM answers by lane (online pool, Batch API)
     batches: int = 0  # batches the stand-in's Batch API was sent
+    loop: dict[str, Any] | None = None  # the closed loop's block of the service's final metrics message
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,7 +111,10 @@ def money(tally: Tally) -> Money:
         spend, baseline, source = float(service["cost_usd"]), float(service["baseline_cost_usd"]), "metrics"
     else:
         spend, baseline, source = computed.cost_usd, computed.baseline_cost_usd, "outputs"
-    return Money(spend, baseline, baseline - spend, ratio(spend, baseline), source, computed.cost_usd)
+    loop = tally.service_loop if source == "metrics" else None
+    audit = float(loop["totals"]["audit_cost_usd"]) if loop else 0.0
+    outputs = computed.cost_usd + audit
+    return Money(spend, baseline, baseline - spend, ratio(spend, baseline), source, outputs, audit)
 
 
 def _share(part: int, whole: int) -> float | None:
@@ -152,4 +157,5 @@ def summarise(tally: Tally, run: RunInfo, llm_stats: Mapping[str, Any]) -> Summa
         lane=options.lane,
         lanes=dict(tally.lanes),
         batches=int(llm_stats.get("batches_created", 0)),
+        loop=tally.service_loop,
     )

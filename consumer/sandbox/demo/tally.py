@@ -83,6 +83,7 @@ class Tally:
     model_version: str | None = None
     threshold: float | None = None
     service_totals: dict[str, Any] | None = None
+    service_loop: dict[str, Any] | None = None  # the closed loop's block of the final metrics message
 
     def on_labeled(self, message: Mapping[str, Any]) -> None:
         """Count one output message; a duplicate (at-least-once) is counted once."""
@@ -129,6 +130,7 @@ class Tally:
     def on_metrics(self, message: Mapping[str, Any]) -> None:
         if message.get("final"):
             self.service_totals = dict(message.get("totals") or {})
+            self.service_loop = message.get("loop")
 
 
 def _answer(llm: Mapping[str, Any]) -> LlmAnswer:
