@@ -19,7 +19,7 @@ from rich.table import Table
 from consumer import logs
 from consumer.config import DEFAULT_MODEL_DIR
 from consumer.offline import datasets
-from consumer.offline.train import TrainConfig, run_training
+from consumer.offline.train import FinalModel, TrainConfig, run_training
 
 console = Console(stderr=True)
 DEFAULT = TrainConfig()
@@ -85,6 +85,13 @@ def render(metrics: dict[str, Any]) -> list[Table]:
     help="Mark unigrams up to this many tokens after a negator (0: off).",
 )
 @click.option(
+    "--final-model",
+    type=click.Choice(["fold_average", "refit"]),
+    default=DEFAULT.final_model,
+    show_default=True,
+    help="Ship the average of the chosen C's fold models (what the temperature was fitted on) or refit on all.",
+)
+@click.option(
     "--uci-weight",
     type=click.FloatRange(0.0, 10.0),
     default=0.5,
@@ -102,6 +109,7 @@ def command(
     max_tokens: int,
     buckets: int,
     negation_window: int,
+    final_model: FinalModel,
     uci_weight: float,
 ) -> None:
     """Train and calibrate the small model; write the model folder and metrics.json; print the figures."""
@@ -109,14 +117,19 @@ def command(
     rows = datasets.load_amazon(data_dir, _domains(domains))
     extra_rows, uci_weight = _extra_rows(data_dir, uci_weight)
     config = TrainConfig(
-        vocab_size=vocab_size, buckets=buckets, max_tokens=max_tokens, negation_window=negation_window, seed=seed
+        vocab_size=vocab_size,
+        buckets=buckets,
+        max_tokens=max_tokens,
+        negation_window=negation_window,
+        seed=seed,
+        final_model=final_model,
     )
     metrics = run_training(
         rows, out, config, test_share, baseline, progress=console.print, extra_rows=extra_rows, extra_weight=uci_weight
     )
     metrics["options"] = {"seed": seed, "domains": _domains(domains), "test_share": test_share}
     metrics["options"] |= {"vocab_size": vocab_size, "buckets": buckets, "max_tokens": max_tokens}
-    metrics["options"] |= {"negation_window": negation_window, "uci_weight": uci_weight}
+    metrics["options"] |= {"negation_window": negation_window, "uci_weight": uci_weight, "final_model": final_model}
     (out / "metrics.json").write_bytes(orjson.dumps(metrics, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     for table in render(metrics):
         Console().print(table)

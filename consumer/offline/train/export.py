@@ -198,6 +198,7 @@ def _config_json(trained: TrainedModel, version: str) -> dict[str, Any]:
             "negation_window": spec.negation_window,
             "nb_power": trained.config.nb_power,
             "c": trained.cv.c,
+            "final_model": trained.config.final_model,
         },
     }
 

@@ -1,5 +1,10 @@
 """Fit the linear model: NB-scaled features, a soft-target logistic regression, C chosen by k-fold
-cross-validation and the temperature fitted on the out-of-fold logits (see :mod:`.features`)."""
+cross-validation and the temperature fitted on the out-of-fold logits (see :mod:`.features`).
+
+The shipped model is the average of that C's k fold models (``final_model = "fold_average"``): the
+temperature was fitted on exactly those models' out-of-fold logits, and a linear model's average is still
+one table (same graph, same speed). A nested cross-validation chose it over a refit on all data
+(``"refit"``) and over a temperature from a held-out slice; see the model card."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +37,7 @@ from consumer.small.calibration import fit_temperature
 log = structlog.get_logger(__name__)
 
 LogitsFn = Callable[[Ints, Ints, float], Floats]
+FinalModel = Literal["fold_average", "refit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,7 @@ class TrainConfig:
     nb_alpha: float = 1.0
     seed: int = 0
     max_iter: int = 5_000
+    final_model: FinalModel = "fold_average"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +152,15 @@ def fit_linear(
     return LinearModel(spec=spec, table=table, bias=bias.astype(np.float32))
 
 
+def average_models(models: Sequence[LinearModel]) -> LinearModel:
+    """The mean of models over one feature space: the mean table and bias (the folded scale included)."""
+    if not models:
+        raise ValueError("no models to average")
+    table = np.mean([m.table.astype(np.float64) for m in models], axis=0).astype(np.float32)
+    bias = np.mean([m.bias.astype(np.float64) for m in models], axis=0).astype(np.float32)
+    return LinearModel(spec=models[0].spec, table=table, bias=bias)
+
+
 def fold_ids(targets: Floats, folds: int, seed: int) -> Ints:
     """Fold number per sample, stratified by the argmax class, from a keyed hash (the same everywhere)."""
     out = np.zeros(len(targets), dtype=np.intp)
@@ -210,22 +226,39 @@ def train(
         tokenizer = train_tokenizer(texts, config.vocab_size, config.min_frequency)
     spec = feature_spec(tokenizer, config.buckets, config.max_tokens, config.negation_window)
     counts = count_matrix(tokenizer, texts, spec)
-    extra_counts, extra_targets, extra_weights = _extra_parts(extra, tokenizer, spec, len(labels), say)
-
-    def fit(idx: Ints, c: float) -> LinearModel:
-        x = sparse.vstack([counts[idx], extra_counts]).tocsr()
-        y = np.vstack([targets[idx], extra_targets])
-        return fit_linear(x, y, np.concatenate([weights[idx], extra_weights]), c, config, spec=spec)
-
-    def fold_logits(fit_idx: Ints, eval_idx: Ints, c: float) -> Floats:
-        return fit(fit_idx, c).logits(counts[eval_idx])
-
-    cv = cross_validate(fold_logits, targets, config, say)
+    fitter = _Fitter(counts, targets, weights, _extra_parts(extra, tokenizer, spec, len(labels), say), config, spec)
+    cv = cross_validate(fitter.fold_logits, targets, config, say)
     temperature = fit_temperature(cv.oof_logits, targets)
-    say(f"chose C={cv.c:g}; temperature {temperature:.3f} from out-of-fold logits; fitting on all data")
-    model = fit(np.arange(len(texts)), cv.c)
+    say(f"chose C={cv.c:g}; temperature {temperature:.3f} from out-of-fold logits; final model: {config.final_model}")
+    if config.final_model == "refit":
+        model = fitter.fit(np.arange(len(texts)), cv.c)
+    else:
+        model = average_models(fitter.fold_models[cv.c])
     log.info("training.done", samples=len(texts), labels=list(labels), c=cv.c, temperature=temperature)
     return TrainedModel(tuple(labels), tokenizer, model, temperature, cv, config)
+
+
+@dataclass
+class _Fitter:
+    """Fits on a subset of the rows plus every extra row; keeps each C's fold models for the average."""
+
+    counts: Any
+    targets: Floats
+    weights: Floats
+    extra: tuple[Any, Floats, Floats]  # counts, targets, weights
+    config: TrainConfig
+    spec: FeatureSpec
+    fold_models: dict[float, list[LinearModel]] = field(default_factory=dict)
+
+    def fit(self, idx: Ints, c: float) -> LinearModel:
+        counts, targets, weights = self.extra
+        x = sparse.vstack([self.counts[idx], counts]).tocsr()
+        y = np.vstack([self.targets[idx], targets])
+        return fit_linear(x, y, np.concatenate([self.weights[idx], weights]), c, self.config, spec=self.spec)
+
+    def fold_logits(self, fit_idx: Ints, eval_idx: Ints, c: float) -> Floats:
+        self.fold_models.setdefault(c, []).append(self.fit(fit_idx, c))
+        return self.fold_models[c][-1].logits(self.counts[eval_idx])
 
 
 def _extra_parts(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from pathlib import Path
@@ -191,3 +192,27 @@ def test_train_command_on_a_generated_data_folder(tmp_path: Path) -> None:
     assert metrics["data"]["domains"] == ["books"] and metrics["data"]["test"] == 10
     assert set(metrics["baseline"]) == {"full_text", "same_prefix"} and len(metrics["test"]["deciles"]) == 10
     assert OnnxScorer.load(tmp_path / "model").predict(["great, love it"])[0].label == "positive"
+
+
+def test_the_shipped_model_is_the_average_of_the_chosen_c_fold_models_unless_refit() -> None:
+    texts, names = tiny_corpus()
+    labels = ("negative", "positive")
+    targets = training.one_hot(names, labels)
+    averaged = training.train(texts, targets, labels, config=TINY)
+    assert TINY.final_model == "fold_average"
+    spec = averaged.model.spec
+    counts = training.count_matrix(averaged.tokenizer, texts, spec)
+    folds = training.fold_ids(targets, TINY.folds, TINY.seed)
+    config = dataclasses.replace(TINY, final_model="refit")
+    models = [
+        training.fit_linear(counts[folds != k], targets[folds != k], np.ones(int((folds != k).sum())), averaged.cv.c,
+                            config, spec=spec)
+        for k in range(TINY.folds)
+    ]  # fmt: skip
+    expected = training.average_models(models)
+    np.testing.assert_allclose(averaged.model.table, expected.table, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(averaged.model.bias, expected.bias, rtol=1e-6, atol=1e-7)
+    refit = training.train(texts, targets, labels, config=config, tokenizer=averaged.tokenizer)
+    assert refit.temperature == averaged.temperature and not np.allclose(refit.model.table, averaged.model.table)
+    with pytest.raises(ValueError, match="no models"):
+        training.average_models([])
