@@ -79,7 +79,7 @@ class TopicsConfig(Section):
 
 class ModelConfig(Section):
     path: Path = Field(default=DEFAULT_MODEL_DIR, description="model folder: model.onnx, tokenizer.json, config.json")
-    max_tokens: int = Field(default=256, ge=8, le=4096, description="reviews are truncated to this many tokens")
+    max_tokens: int = Field(default=384, ge=8, le=4096, description="reviews are truncated to this many tokens")
     batch_size: int = Field(default=256, ge=1, le=4096, description="micro-batch size for the small model")
     batch_max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="longest wait to fill a micro-batch")
     intra_op_threads: int = Field(
