@@ -112,7 +112,7 @@ class ClosedLoop:
         self._cap = None if budget.usd_per_hour is None else SpendCap(budget.usd_per_hour, interval, clock,
                                                                       margin_s=_MARGIN_S)  # fmt: skip
         self._budget_tau, self._next_steer, self._next_exceeded_log = router.threshold, 0.0, 0.0
-        self.in_force = router.threshold
+        self.in_force = self._last_risk = router.threshold
         self.counts, self._window_start = LoopCounts(), LoopCounts()
         self.pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,7 +130,9 @@ class ClosedLoop:
                 self._steer(now, tau)
             tau = min(tau, self._budget_tau)
         if tau != self.in_force:
-            self._changed(self.in_force, tau, "budget" if tau == self._budget_tau != self._risk_tau() else "risk")
+            risk = self._risk_tau()
+            self._changed(self.in_force, tau, "risk" if risk != self._last_risk else "budget")
+            self._last_risk = risk
         return tau
 
     def _steer(self, now: float, risk_tau: float) -> None:
@@ -138,9 +140,9 @@ class ClosedLoop:
         self._next_steer = now + self._s.metrics.interval_s / 4  # a quarter window: let the cap see the change
         pressure, floor = self._cap.pressure(), self._s.budget.min_threshold
         if pressure >= 1.0:
-            self._budget_tau = max(floor, min(self._budget_tau, risk_tau) - _BUDGET_STEP)
+            self._budget_tau = round(max(floor, min(self._budget_tau, risk_tau) - _BUDGET_STEP), 6)
         elif pressure < _BUDGET_LOW:
-            self._budget_tau = min(risk_tau, self._budget_tau + _BUDGET_STEP)
+            self._budget_tau = round(min(risk_tau, self._budget_tau + _BUDGET_STEP), 6)
 
     def _changed(self, old: float, new: float, cause: str) -> None:
         reason = f"{cause}_{'up' if new > old else 'down'}"
