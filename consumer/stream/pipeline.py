@@ -136,6 +136,8 @@ class Pipeline:
             await self._fetch_loop(stop)
         except FatalError as exc:
             self.supervisor.fail(exc)
+        except Exception as exc:  # a bug in the loop itself: stop like any dead task, never wait forever
+            self.supervisor.fail(FatalError("fetch-loop", repr(exc)), exc)
         finally:
             await self._end_scoring(scorer, stop)
             await self._drain(stop)
