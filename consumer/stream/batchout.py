@@ -97,7 +97,8 @@ class BatchPublisher:
         await self._labeled(item.scored, answer, done)
         if distill:
             value = contracts.dumps(outputs.distill(item.scored, answer))
-            await self._sink.publish(Outgoing(self._s.topics.distill, item.scored.review.id, value), done)
+            distilled = Outgoing(self._s.topics.distill, item.scored.review.id, value, origin=item.scored.review.origin)
+            await self._sink.publish(distilled, done)
 
     async def failed(self, item: Deferred, reason: str, cost_usd: float) -> None:
         """The batch lane gave no usable answer: the online pool, or the fallback, per config."""

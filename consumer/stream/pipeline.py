@@ -303,7 +303,8 @@ class Pipeline:
             await self._publish_labeled(scored, outcome, done)
             if distill:
                 value = contracts.dumps(outputs.distill(scored, outcome))
-                await self._sink.publish(Outgoing(self._s.topics.distill, scored.review.id, value), done)
+                distilled = Outgoing(self._s.topics.distill, scored.review.id, value, origin=origin)
+                await self._sink.publish(distilled, done)  # origin: a refused record is dead-lettered
         elif on_give_up(self._s.router.fallback) == "publish_fallback":
             done = _Completion(origin, 1, self._finish_one, "fallback")
             done.cost_usd, done.est_tokens = outcome.cost_usd, self._estimate(scored.review.text)

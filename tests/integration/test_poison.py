@@ -306,3 +306,19 @@ def test_an_800_kb_review_is_dead_lettered_as_text_too_long_and_fits(
     assert check_copy(letter, review, None)
     assert [r["id"] for r in kafka.read_json(names["out"], 1)] == ["small"]
     report(f"800 KB review: text_too_long, {len(review)} bytes kept as a {len(letter['original_b64'])}-char prefix")
+
+
+def test_a_distill_record_too_big_for_its_topic_is_dead_lettered_not_fatal(
+    topics: kafka.Topics, tmp_path: Path, standin: str, report: Callable[[str], None]
+) -> None:
+    names = make_topics(topics, distill={"max.message.bytes": "1500"})
+    text = "solid kettle, boils fast, no leaks so far. " * 40  # ~1.7 KB: the review fits, its distill record not
+    kafka.produce(names["in"], [orjson.dumps({"id": "long", "text": text})], partition=0)
+    run = run_service(tmp_path, names, standin, 1, router__threshold=1.0)  # every review goes to the LLM
+    assert run.code == 0, run.log[-4000:]
+    assert_committed_at_end(run, {0: 1, 1: 0})
+    (labeled,) = kafka.read_json(names["out"], 1)
+    (letter,) = kafka.read_json(names["dlq"], 1)
+    assert (labeled["id"], labeled["source"]) == ("long", "large")
+    assert (letter["reason"], letter["input"]["offset"]) == ("output_refused", 0)
+    report(f"distill record over a 1500-byte topic: dead-lettered as {letter['reason']}, exit 0")
