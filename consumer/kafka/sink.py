@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -289,10 +289,16 @@ class KafkaSink:
             log.error("fatal", topic=topic, error=code, reason=reason)
             self.fatal_event.set()
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        """A retry or rescue that raised would leave its message undone forever: that is fatal, said once."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._declare_fatal("sink", type(exc).__name__, repr(exc))
 
     # -- reports, flush, close -------------------------------------------------------------------------
     def _producers(self) -> list[Producer]:

@@ -176,3 +176,17 @@ async def test_a_fatal_client_error_is_fatal_for_the_service(closing: list[Kafka
         "producer",
         "_FATAL: idempotent producer fenced",
     )
+
+
+async def test_a_rescue_that_raises_is_fatal_not_a_message_left_undone(made: Any, closing: list[KafkaSink]) -> None:
+    compacted, dlq = made("out", **{"cleanup.policy": "compact"}), made("dlq")
+    closing.append(sink := await started(dlq))
+
+    def broken(*_: Any) -> Outgoing:
+        raise RuntimeError("rescuer bug")
+
+    sink._rescuer = type("Broken", (), {"topic": dlq, "__call__": staticmethod(broken)})()  # type: ignore[assignment]
+    delivered: list[int] = []
+    await sink.publish(Outgoing(compacted, None, b"{}"), lambda: delivered.append(1))  # null key: INVALID_RECORD
+    await eventually(sink.fatal_event.is_set, 30, "the sink declares the dead task fatal")
+    assert sink.fatal is not None and "rescuer bug" in sink.fatal.detail and delivered == []
