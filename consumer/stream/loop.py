@@ -43,7 +43,7 @@ from consumer.stream.risk import Interval
 
 log = structlog.get_logger(__name__)
 _ESTIMATE_MARGIN = 1.25  # the cap charges a request's prompt estimate with this margin, and a full reply
-_MARGIN_S = 0.5  # an admission stays in the cap's window this much longer than a metrics window (latency)
+_MARGIN_S = 0.5  # an admission stays in the cap's window longer than a metrics window (a tenth, to 0.5 s): latency
 _BUDGET_STEP, _BUDGET_LOW = 0.02, 0.7  # the cap lowers tau by a step while binding, raises it below this
 
 
@@ -107,14 +107,15 @@ class ClosedLoop:
         self._adaptive = None
         if router.mode == "adaptive":
             self._adaptive = AdaptiveThreshold(router.threshold, router.max_error, router.risk_confidence,
-                                               window=10 * audit.window, every=10)  # fmt: skip
+                                               window=audit.window, every=10)  # fmt: skip
         interval = settings.metrics.interval_s
+        margin = min(_MARGIN_S, interval / 10)
         self._cap = None if budget.usd_per_hour is None else SpendCap(budget.usd_per_hour, interval, clock,
-                                                                      margin_s=_MARGIN_S)  # fmt: skip
+                                                                      margin_s=margin)  # fmt: skip
         self._budget_tau, self._next_steer, self._next_exceeded_log = router.threshold, 0.0, 0.0
         self.in_force = self._last_risk = router.threshold
         self.counts, self._window_start = LoopCounts(), LoopCounts()
-        self.pending = 0
+        self.pending = self._refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the threshold ---------------------------------------------------------------------------------
@@ -139,7 +140,8 @@ class ClosedLoop:
         assert self._cap is not None
         self._next_steer = now + self._s.metrics.interval_s / 4  # a quarter window: let the cap see the change
         pressure, floor = self._cap.pressure(), self._s.budget.min_threshold
-        if pressure >= 1.0:
+        binding, self._refused = self._refused > 0 or pressure >= 1.0, 0  # the cap turned reviews away
+        if binding:
             self._budget_tau = round(max(floor, min(self._budget_tau, risk_tau) - _BUDGET_STEP), 6)
         elif pressure < _BUDGET_LOW:
             self._budget_tau = round(min(risk_tau, self._budget_tau + _BUDGET_STEP), 6)
@@ -172,6 +174,7 @@ class ClosedLoop:
         estimate = self._price(scored)
         if not self._admit(estimate):
             self.counts.budget_fallbacks += 1
+            self._refused += 1
             return LlmFailure("budget", "the spend cap's allowance for this window is used up")
         self.pending += 1
         try:
