@@ -142,6 +142,13 @@ def kitchen_error(run: dict[str, Any], truth: dict[str, str], kitchen_ids: set[s
     wrong = sum(m["label"] != truth[m["id"]] for m in small)
     interval = clopper_pearson(wrong, len(small), 0.95)
     taus = [m["threshold"] for m in run["metrics"]]
+    risen = [m for m in small if m["threshold"] > TAU]  # decided after the risk rule raised tau
+    after = clopper_pearson(sum(m["label"] != truth[m["id"]] for m in risen), len(risen), 0.95)
+    return {"after_rise_reviews": len(risen), "after_rise_error": after.estimate, "after_rise_error_high": after.high,
+            **_error_block(small, wrong, interval, taus)}  # fmt: skip
+
+
+def _error_block(small: list[Any], wrong: int, interval: Any, taus: list[float]) -> dict[str, Any]:
     return {"kitchen_small_reviews": len(small), "kitchen_small_error": interval.estimate, "error_high": interval.high,
             "slack": None if interval.estimate is None else interval.high - interval.estimate,
             "tau_start": taus[0] if taus else None, "tau_end": taus[-1] if taus else None,
