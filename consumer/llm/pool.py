@@ -121,14 +121,14 @@ class LlmPool:
         ``audit``: a shadow request, lowest priority (:class:`~consumer.llm.jobs.Lanes`), that never waits."""
         if self._state != "running":
             return LlmFailure("shutdown", "the LLM pool is not running")
-        if audit:
-            return await self._audit(scored, prompt)
         try:
             key, size, early = self._plan(scored, prompt)
         except ValueError as exc:
             return LlmFailure("invalid_request", str(exc))
         if early is not None:
             return early
+        if audit:
+            return await self._audit(scored, prompt, key)
         while (flight := self._flights.get(key)) is not None:
             shared = await follow(flight)
             if shared is not None:
@@ -174,14 +174,8 @@ class LlmPool:
             self._fail_queued()  # we got in after the shutdown sweep: sweep again
         return await future
 
-    async def _audit(self, scored: Scored, kind: PromptKind) -> LlmOutcome:
+    async def _audit(self, scored: Scored, kind: PromptKind, key: CacheKey) -> LlmOutcome:
         """Past the low-water mark, or with the audit lane full, it fails at once (``audit_skipped``)."""
-        try:
-            key, _size, early = self._plan(scored, kind)
-        except ValueError as exc:
-            return LlmFailure("invalid_request", str(exc))
-        if early is not None:
-            return early
         future: asyncio.Future[LlmOutcome] = asyncio.get_running_loop().create_future()
         job = Job(scored.review.id, scored.review.text, self._build(scored, kind), key, future,
                   log.bind(review_id=scored.review.id, audit=True), audit=True)  # fmt: skip
