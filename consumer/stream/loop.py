@@ -230,7 +230,8 @@ class ClosedLoop:
         self._alarm(agreed)
         self._learn(scored.prediction.confidence, agreed)
         value = contracts.dumps(outputs.distill(scored, outcome, audit=True))
-        await self._sink.publish(Outgoing(self._s.topics.distill, scored.review.id, value), _nothing)
+        out = Outgoing(self._s.topics.distill, scored.review.id, value, origin=scored.review.origin)
+        await self._sink.publish(out, _nothing)  # origin: a record too big for the topic is dead-lettered
 
     def _bill(self, outcome: LlmOutcome) -> None:
         self._meter.on_billed(outcome.cost_usd)  # in cost_usd: audits are money spent
