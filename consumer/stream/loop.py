@@ -159,7 +159,7 @@ class ClosedLoop:
         self.counts.decided_small += 1
         if not self._sampler.chosen(scored.review.id):
             return
-        estimate = self._price(scored)
+        estimate = 0.0 if self._cap is None else self._price(scored)
         if self._pool.backlog() > self._s.llm.queue_low_water or not self._admit(estimate):
             self.counts.audit_skipped += 1
             return
@@ -171,7 +171,7 @@ class ClosedLoop:
     async def label(self, scored: Scored) -> LlmOutcome:
         """An LLM-path decision: the spend cap admits it (or it falls back, ``budget``), then the pool asks."""
         self.counts.decided_llm += 1
-        estimate = self._price(scored)
+        estimate = 0.0 if self._cap is None else self._price(scored)
         if not self._admit(estimate):
             self.counts.budget_fallbacks += 1
             self._refused += 1
