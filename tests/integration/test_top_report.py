@@ -196,7 +196,7 @@ def expected_top_values(fleet: Fleet) -> list[str]:
         percent(totals["cost_usd"] / totals["baseline_cost_usd"]),
         "instances 2 live / 2",
         "closed",
-        "threshold 0.9, model m-3, prompt s4l-v1, llm standin",
+        "threshold 0.9, model m-3, prompt s4l-v2, llm standin",
     ]
 
 
@@ -274,7 +274,7 @@ def test_report_json_sums_every_window_of_the_period(fleet: Fleet) -> None:
     assert data["instances"] == ["a", "b", "c"] and data["groups"] == ["g-a", "g-other"]
     assert data["latency_ms"]["large"]["count"] == totals["large"]
     assert data["breaker_state"] == "closed" and data["lag_total"] == sum(data["lag"].values()) > 0
-    assert data["configs"] == ["threshold 0.9, model m-3, prompt s4l-v1, llm standin"]
+    assert data["configs"] == ["threshold 0.9, model m-3, prompt s4l-v2, llm standin"]
 
 
 def test_report_reads_from_the_since_offset_and_filters_groups(fleet: Fleet, topics: kafka.Topics) -> None:
