@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -79,7 +79,10 @@ def render(fleet: Fleet, topic: str, group_filter: str) -> Group:
     live = len(fleet.live(now_ms))
     stamp = time.strftime("%H:%M:%S")
     title = f"shunt top  {topic}  groups {group_filter}  instances {live} live / {len(fleet.latest)}  {stamp}"
-    return Group(summary_view(summary, title), instances_table(fleet, now_ms), loop_table(fleet))
+    parts: list[RenderableType] = [summary_view(summary, title), instances_table(fleet, now_ms)]
+    if any(m.get("loop") for m in fleet.latest.values()):  # the closed-loop table only when there is a loop
+        parts.append(loop_table(fleet))
+    return Group(*parts)
 
 
 def _follow(reader: MetricsReader, fleet: Fleet, view: Live, duration_s: float | None, refresh_s: float) -> None:
