@@ -327,3 +327,22 @@ def test_sigint_during_the_demo_stops_it_cleanly_with_a_summary(demo: Callable[.
     assert s["interrupted"] is True
     assert 50 <= s["labelled"] < 3000
     assert_nothing_left(process)
+
+
+@pytest.mark.timeout(240)
+def test_demo_drift_and_budget_show_the_closed_loop(demo: Callable[..., DemoProcess]) -> None:
+    process = demo("--small", "--drift", "--budget", "0.5", "--reviews", "600")
+    process.find_broker()
+    code = process.wait(200)
+    output = process.output()
+    assert code == 0, output
+    assert "closed loop" in output and "audits" in output and "spend cap" in output
+    s = process.summary()
+    loop, money = s["loop"], s["money"]
+    assert s["labelled"] == 600 and loop["mode"] == "adaptive" and loop["totals"]["audits"] > 0
+    assert loop["budget"]["usd_per_hour"] == 0.5 and loop["budget"]["priority"] == "spend"
+    assert 0 < money["audit_usd"] < money["spend_usd"]
+    assert money["outputs_spend_usd"] == pytest.approx(money["spend_usd"]), "the outputs and audits reconcile"
+    allowance = 0.5 * (s["wall_s"] + 2.0) / 3600  # the whole run, and one metrics window more
+    assert money["spend_usd"] <= allowance + 0.001, (money, allowance)
+    assert_nothing_left(process)
