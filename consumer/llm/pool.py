@@ -8,7 +8,8 @@ handed back as an :class:`~consumer.records.LlmFailure` is decided by :func:`con
 and what it tells the breaker by :func:`consumer.errors.breaker_effect`: a request rejected for itself
 (400/404/413/422) falls back for that review only; 401/403 open the breaker at once, log one
 ``llm_auth_failed`` and mark the pool not ready (:attr:`PoolStats.auth_failed`). Retries wait with
-exponential backoff and full jitter. ``label()`` never raises for provider problems.
+exponential backoff and full jitter (one job's attempts: :mod:`consumer.llm.attempts`). ``label()`` never
+raises for provider problems.
 
 Failure reasons: ``retries_exhausted``, ``retry_budget_exhausted``, ``circuit_open``, ``invalid_answer``,
 ``malformed_response``, ``request_rejected``, ``too_large_for_tpm``,
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import random
 from types import TracebackType
 from typing import Literal
@@ -29,21 +29,14 @@ import structlog
 
 from consumer.aio import cancel_and_wait
 from consumer.config import LlmConfig
-from consumer.errors import (
-    Action,
-    AuthFailedError,
-    LlmError,
-    RateLimitedError,
-    breaker_effect,
-    on_llm_failure,
-)
-from consumer.llm.breaker import CircuitBreaker, Ticket
+from consumer.llm.attempts import Attempts
+from consumer.llm.breaker import CircuitBreaker
 from consumer.llm.budget import RETRY_FLOOR, RetryBudget
 from consumer.llm.cache import CacheKey, LlmCache, cache_key
-from consumer.llm.client import Completion, InvalidAnswerError, LlmClient, LlmTimeoutError, Usage
-from consumer.llm.jobs import ByteGate, Counters, Job, Lanes, PoolStats, follow, give_up_reason, job_bytes
+from consumer.llm.client import LlmClient
+from consumer.llm.jobs import ByteGate, Counters, Job, Lanes, PoolStats, follow, job_bytes
 from consumer.llm.prompting import Prompt, PromptKind, build_prompt, estimate_request_tokens
-from consumer.llm.ratelimit import Clock, MonotonicClock, Permit, RateLimiter
+from consumer.llm.ratelimit import Clock, MonotonicClock, RateLimiter
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Scored
 
 __all__ = ["RETRY_FLOOR", "LlmPool", "PoolStats", "RetryBudget"]
@@ -71,8 +64,6 @@ class LlmPool:
         self._config = config
         self._clock: Clock = clock or MonotonicClock()
         self._drain_timeout_s = drain_timeout_s
-        self._rng = rng or random.Random()
-        self._price = config.price()
         self._limiter = RateLimiter(config.rpm, config.tpm, config.max_concurrency, self._clock)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, self._clock)
         self._budget = RetryBudget(config.retry_budget_ratio, retry_floor, self._clock)
@@ -82,7 +73,8 @@ class LlmPool:
         self._counters = Counters()
         self._flights: dict[CacheKey, asyncio.Future[LlmOutcome]] = {}
         self._gate = ByteGate(config.max_queue_bytes)  # jobs waiting for a queue slot, queued or in progress
-        self._auth_failed = False
+        self._attempts = Attempts(config, self._clock, rng or random.Random(), limiter=self._limiter,
+                                  breaker=self._breaker, budget=self._budget, counters=self._counters)  # fmt: skip
         self._share = 1.0
         self._in_progress = 0
         self._workers: list[asyncio.Task[None]] = []
@@ -95,6 +87,7 @@ class LlmPool:
 
     async def __aenter__(self) -> LlmPool:
         self._client = await self._stack.enter_async_context(LlmClient(self._config))
+        self._attempts.open(self._client)
         self._workers = [
             asyncio.create_task(self._worker(), name=f"llm-worker-{i}") for i in range(self._config.max_concurrency)
         ]
@@ -202,7 +195,7 @@ class LlmPool:
     @property
     def auth_failed(self) -> bool:
         """True from a 401/403 until an answer comes through again: the service is misconfigured."""
-        return self._auth_failed
+        return self._attempts.auth_failed
 
     def set_share(self, fraction: float) -> None:
         """Use ``fraction`` of the configured RPM/TPM (this instance's share of the group's partitions)."""
@@ -219,7 +212,7 @@ class LlmPool:
             completion_tokens=c.completion_tokens, cost_usd=c.cost_usd, breaker_state=self._breaker.state,
             breaker_transitions=self._breaker.transition_count, backlog=self.backlog(), failures=c.failures,
             paused_for_s=max(0.0, self._limiter.paused_until - self._clock.now()),
-            share=self._share, auth_failed=self._auth_failed, backlog_bytes=self._gate.held, shared=c.shared,
+            share=self._share, auth_failed=self._attempts.auth_failed, backlog_bytes=self._gate.held, shared=c.shared,
         )  # fmt: skip
 
     def _closed(self) -> bool:
@@ -266,7 +259,9 @@ class LlmPool:
         if job.future.done():  # the caller stopped waiting
             return
         try:
-            outcome = self._from_cache(job.key) or await self._run(job)
+            outcome = self._from_cache(job.key) or await self._attempts.run(job)
+            if isinstance(outcome, LlmAnswer):
+                self._cache.put(job.key, outcome)
         except asyncio.CancelledError:
             job.resolve(job.failure("shutdown", "the pool stopped before an answer came"))
             raise
@@ -275,135 +270,3 @@ class LlmPool:
             job.log.exception("llm_pool_internal_error")
             outcome = job.failure("internal_error", type(exc).__name__)
         job.resolve(outcome)
-
-    async def _run(self, job: Job) -> LlmOutcome:
-        while True:
-            ticket = self._breaker.try_acquire()
-            if ticket is None:
-                self._counters.failures += 1
-                return job.failure("circuit_open", "the circuit breaker is open")
-            job.attempts += 1
-            try:
-                completion = await self._attempt(job, ticket)
-            except LlmError as exc:
-                reason = await self._after_error(job, exc)
-                if reason is None:
-                    continue
-                self._counters.failures += 1
-                job.log.debug("llm_gave_up", reason=reason, attempts=job.attempts, error=str(exc))
-                return job.failure(reason, str(exc))
-            return self._answered(job, completion)
-
-    async def _attempt(self, job: Job, ticket: Ticket) -> Completion:
-        estimate = estimate_request_tokens(job.prompt, self._config.max_completion_tokens)
-        try:
-            async with self._limiter.acquire(estimate) as permit:
-                self._counters.requests += 1
-                if job.attempts == 1:
-                    self._budget.record_first()
-                job.log.debug("llm_request", attempt=job.attempts, estimated_tokens=estimate)
-                completion = await self._call(job, permit)
-        except BaseException as exc:
-            self._settle(ticket, exc)
-            raise
-        ticket.success()
-        if self._auth_failed:
-            self._auth_failed = False
-            log.info("llm_auth_recovered")
-        return completion
-
-    def _settle(self, ticket: Ticket, exc: BaseException) -> None:
-        """Tell the breaker what an attempt that raised says about the provider's health (the policy's call)."""
-        effect = breaker_effect(exc)
-        if effect == "healthy":
-            ticket.success()
-        elif effect == "failing":
-            ticket.failure()
-        elif effect == "misconfigured":
-            ticket.trip()
-            self._on_auth_failed(exc)
-        else:
-            ticket.release()  # throttled, rejected for this request only, cancelled: nothing learned
-
-    def _on_auth_failed(self, exc: BaseException) -> None:
-        if not self._auth_failed:  # one clear event, not one per review
-            self._auth_failed = True
-            status = exc.status if isinstance(exc, AuthFailedError) else None
-            log.error("llm_auth_failed", status=status, detail=str(exc), model=self._config.model)
-
-    async def _call(self, job: Job, permit: Permit) -> Completion:
-        assert self._client is not None
-        try:
-            completion = await self._client.complete(job.prompt, review_id=job.review_id)
-        except InvalidAnswerError as exc:
-            if exc.usage is not None:  # a wrong answer is still billed
-                permit.reconcile(exc.usage.total)
-                self._bill(job, exc.usage)
-            raise
-        permit.reconcile(completion.usage.total)
-        self._bill(job, completion.usage)
-        return completion
-
-    def _bill(self, job: Job, usage: Usage) -> None:
-        cost = job.bill(usage.prompt_tokens, usage.completion_tokens, self._price)
-        c = self._counters
-        c.prompt_tokens += usage.prompt_tokens
-        c.completion_tokens += usage.completion_tokens
-        c.cost_usd += cost
-
-    async def _after_error(self, job: Job, exc: LlmError) -> str | None:
-        """Count the error and decide: None to retry (after waiting), or the reason to give up."""
-        self._count_error(exc)
-        if isinstance(exc, RateLimitedError):
-            self._pause(exc.retry_after_s, job.attempts, "rate_limited")
-        action = on_llm_failure(exc, job.attempts, self._config.max_attempts, self._budget.can_retry())
-        if action is Action.FALLBACK:
-            return give_up_reason(exc, job.attempts, self._config.max_attempts)
-        self._budget.record_retry()
-        self._counters.retries += 1
-        job.log.debug("llm_retry", attempt=job.attempts, error=str(exc))
-        if not isinstance(exc, RateLimitedError):  # a 429's wait is the pool-wide pause, already set
-            await self._clock.sleep(self._backoff_s(job.attempts))
-        return None
-
-    def _count_error(self, exc: LlmError) -> None:
-        if isinstance(exc, RateLimitedError):
-            self._counters.rate_limited += 1
-            return
-        self._counters.errors += 1
-        if isinstance(exc, LlmTimeoutError):
-            self._counters.timeouts += 1
-
-    def _pause(self, seconds: float | None, attempt: int, cause: str) -> None:
-        wait = seconds if seconds is not None else self._backoff_s(attempt)
-        cap = self._config.max_retry_after_s
-        if not wait <= cap:  # also NaN: a provider's (or a proxy's bad date's) day-long wait must not freeze us
-            if self._clock.now() >= self._limiter.paused_until:  # once per pause, not once per 429
-                seen = wait if math.isfinite(wait) else str(wait)
-                log.warning("llm_retry_after_capped", cause=cause, seen_s=seen, cap_s=cap)
-            wait = cap
-        until = self._limiter.pause_for(wait)
-        log.info(
-            "llm_pool_paused", cause=cause, pause_s=round(wait, 3), resume_in_s=round(until - self._clock.now(), 3)
-        )
-
-    def _backoff_s(self, attempt: int) -> float:
-        """Exponential backoff with full jitter: uniform(0, min(max, base * 2^(attempt-1)))."""
-        cap = min(self._config.backoff_max_s, self._config.backoff_base_s * 2 ** max(0, attempt - 1))
-        return self._rng.uniform(0.0, cap)
-
-    def _answered(self, job: Job, completion: Completion) -> LlmAnswer:
-        self._counters.successes += 1
-        pause = completion.limits.exhausted_pause_s()
-        if pause is not None:  # the provider says the budget is spent: wait for its reset, do not earn a 429
-            self._pause(pause, job.attempts, "remaining_exhausted")
-        answer = LlmAnswer(
-            label=completion.label, model=self._config.model, prompt_tokens=job.prompt_tokens,
-            completion_tokens=job.completion_tokens, cost_usd=job.cost_usd, latency_ms=completion.latency_ms,
-            prompt_version=job.prompt.version, attempts=job.attempts,
-        )  # fmt: skip
-        self._cache.put(job.key, answer)
-        job.log.debug(
-            "llm_answer", label=answer.label, attempts=answer.attempts, latency_ms=round(answer.latency_ms, 1)
-        )
-        return answer

@@ -108,7 +108,7 @@ def standin(name: str, latency_ms: str) -> Iterator[str]:
     args = [PYTHON, "-m", "consumer", "llm-standin", "--port", str(port), "--latency-ms", latency_ms]
     args += ["--log-level", "warning"]
     with Child(name, args, _clean_env()) as child:
-        wait_for(lambda: _answers(port) or child.proc.poll() is not None, 30)
+        wait_for(lambda: standin_answers(port) or child.proc.poll() is not None, 30)
         if child.proc.poll() is not None:
             raise RuntimeError(f"the stand-in LLM exited:\n{child.log_tail()}")
         yield f"http://127.0.0.1:{port}/v1"
@@ -121,7 +121,8 @@ def _free_port() -> int:
         return port
 
 
-def _answers(port: int) -> bool:
+def standin_answers(port: int) -> bool:
+    """True once the stand-in LLM on ``port`` answers ``/stats``."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=1) as response:
             return bool(response.status == 200)

@@ -34,7 +34,7 @@ from consumer.offline.datasets import load_amazon, split_amazon
 from consumer.small.scoring import OnnxScorer
 from consumer.stream.control import DriftAlarm
 from consumer.stream.risk import clopper_pearson
-from ops.bench.children import PYTHON, Child, start_service, wait_for
+from ops.bench.children import PYTHON, Child, standin_answers, start_service, wait_for
 from ops.bench.report import REPO, console, write_json
 from ops.bench.topics import Topics, run_id
 
@@ -254,7 +254,7 @@ def _run(bootstrap: str, model: Path, tmp: Path, rate: float, plot_path: Path) -
     args += [str(labels), "--latency-ms", "1-3", "--log-level", "warning"]
     with Child("closed-loop-standin", args, dict(os.environ)) as _standin, Topics(bootstrap, run_id()) as topics:
         llm = f"http://127.0.0.1:{port}/v1"
-        wait_for(lambda: _answers(port), 30)
+        wait_for(lambda: standin_answers(port), 30)
         runs: dict[str, dict[str, Any]] = {}
         cap = 0.0
         for name, given in SCENARIOS:
@@ -290,16 +290,6 @@ def budget_figures(free: dict[str, Any], capped: dict[str, Any], truth: dict[str
         "predicted_drop": predicted_drop(free, capped, truth),
         "tau_min": min(m["threshold"] for m in capped["metrics"]),
     }
-
-
-def _answers(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

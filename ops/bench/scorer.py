@@ -36,44 +36,20 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from consumer import logs
-from consumer.config import DEFAULT_MODEL_DIR
-from consumer.offline.datasets import DatasetError, load_amazon, split_amazon
+from consumer.config import DEFAULT_MODEL_DIR, ModelConfig
+from consumer.offline.datasets import load_amazon, split_amazon
 from consumer.small.scoring import OnnxScorer
+from ops.bench import data
 from ops.bench.report import BENCH_DIR
 
 BATCH_SIZES = (1, 8, 32, 128)
 STAGES = ("tokenise", "encode", "graph", "end_to_end")
-_WORDS = (
-    "the",
-    "a",
-    "this",
-    "product",
-    "book",
-    "movie",
-    "works",
-    "great",
-    "poor",
-    "quality",
-    "would",
-    "buy",
-    "again",
-    "never",
-    "returned",
-    "it",
-    "and",
-    "but",
-)
 
 
 def review_texts(limit: int) -> tuple[list[str], str]:
-    """Up to ``limit`` real reviews (shuffled with a fixed seed), or generated ~500-character texts."""
-    try:
-        texts = [str(row["text"]) for row in load_amazon()]
-        source = "amazon-reviews-train.jsonl (shared data, read at run time)"
-    except DatasetError:
-        rng = random.Random(0)
-        texts = [" ".join(rng.choice(_WORDS) for _ in range(95)) for _ in range(limit)]
-        source = "generated"
+    """Up to ``limit`` of :func:`ops.bench.data.review_texts`, shuffled with a fixed seed."""
+    texts, source = data.review_texts()
+    texts = list(texts)
     random.Random(1).shuffle(texts)
     return texts[:limit], source
 
@@ -169,7 +145,7 @@ def caption(env: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=BENCH_DIR / "scorer.json")
 @click.option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True)
 @click.option("--reviews", type=click.IntRange(128, 100_000), default=4096, show_default=True)
-@click.option("--max-tokens", type=click.IntRange(8, 4096), default=256, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(8, 4096), default=ModelConfig().max_tokens, show_default=True)
 @click.option("--intra-op-threads", type=click.IntRange(0, 64), default=0, show_default=True, help="0: ORT picks.")
 @click.option("--with-baseline", is_flag=True, help="Also time the TF-IDF + LR baseline (needs the shared data).")
 def main(

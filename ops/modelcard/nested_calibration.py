@@ -7,7 +7,7 @@ outer fold: (a) one model on all inner data + T from inner OOF (today), (b) the 
 models' tables and biases + the same T, (c) inner fold model 0 with T refit on its own held-out slice
 (inner fold 0). C is the shipped C=300; UCI sentences join every fit with weight 0.5.
 
-    nice -n 10 .venv/bin/python scratch/nested_calibration.py [C [OUTER_SEED_OFFSET]]   # 300, 2 (also run: 3, 4)
+    nice -n 10 .venv/bin/python -m ops.modelcard.nested_calibration [C [OUTER_SEED_OFFSET]]   # 300, 2 (also run: 3, 4)
 
 It also prints the ECE "noise floor": the ECE a perfectly calibrated model shows on n reviews when each
 label is drawn from (a)'s own probabilities (15 bins, as everywhere here).
@@ -89,9 +89,7 @@ def main() -> None:
             pooled[m][test_idx] = probs
             temps[m].append(t)
             tt = truth[test_idx]
-            per_fold[m].append(
-                (float((probs.argmax(1) == tt).mean()), ece_of(probs, tt), aurc(probs, tt))
-            )
+            per_fold[m].append((float((probs.argmax(1) == tt).mean()), ece_of(probs, tt), aurc(probs, tt)))
         raw_full = full.logits(X[test_idx])
         print(
             f"outer {k}: T_oof {t_oof:.3f}, T_slice {t_slice:.3f}, "

@@ -5,17 +5,17 @@ For each method: AURC (area under the risk-coverage curve, lower is better), sel
 coverage, and ECE. Every calibrator is cross-fitted over the same 5 folds (fit on 4 folds' OOF logits,
 applied to the 5th), so no review's calibrated score saw its own label.
 """
+
 import sys
 
 import numpy as np
 import orjson
 from sklearn.isotonic import IsotonicRegression
 
-sys.path.insert(0, "scratch")
-from cv_options import CACHE, SEED, load  # noqa: E402
+from ops.modelcard.cv_options import CACHE, SEED, load
 
-from consumer.offline import train as training  # noqa: E402
-from consumer.small.calibration import fit_temperature, softmax  # noqa: E402
+from consumer.offline import train as training
+from consumer.small.calibration import fit_temperature, softmax
 
 key = sys.argv[1]
 index = [orjson.loads(line) for line in (CACHE / "oof" / "index.jsonl").read_bytes().splitlines()]
@@ -70,6 +70,6 @@ for name, probs in methods.items():
     conf = probs.max(1)
     ok = probs.argmax(1) == truth
     print(
-        f"{name:24s} acc {ok.mean():.4f}  AURC {aurc(conf, ok):.4f}  sel@60 {sel_acc(conf, ok, .6):.4f}  "
-        f"sel@70 {sel_acc(conf, ok, .7):.4f}  sel@80 {sel_acc(conf, ok, .8):.4f}  ECE {training.expected_calibration_error(probs, truth):.4f}"
+        f"{name:24s} acc {ok.mean():.4f}  AURC {aurc(conf, ok):.4f}  sel@60 {sel_acc(conf, ok, 0.6):.4f}  "
+        f"sel@70 {sel_acc(conf, ok, 0.7):.4f}  sel@80 {sel_acc(conf, ok, 0.8):.4f}  ECE {training.expected_calibration_error(probs, truth):.4f}"
     )

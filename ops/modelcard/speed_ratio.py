@@ -1,21 +1,21 @@
 # ruff: noqa  (scratch: the experiments behind the model card, kept as run)
 """End-to-end scorer speed of several model folders, interleaved, in CPU time and wall time.
 
-    nice -n 10 .venv/bin/python scratch/speed_ratio.py DIR:MAXTOK [DIR:MAXTOK ...]
+    nice -n 10 .venv/bin/python -m ops.modelcard.speed_ratio DIR:MAXTOK [DIR:MAXTOK ...]
 
 CPU time (time.process_time, one intra-op thread) is far less sensitive than wall time to other
 processes on a loaded 2-core machine; the ratio to the first model is what matters.
 """
+
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops" / "bench"))
-from scorer import review_texts  # noqa: E402
+from ops.bench.scorer import review_texts
 
-from consumer import logs  # noqa: E402
-from consumer.small.scoring import OnnxScorer  # noqa: E402
+from consumer import logs
+from consumer.small.scoring import OnnxScorer
 
 logs.configure("warning")
 specs = [a.rsplit(":", 1) for a in sys.argv[1:]]
@@ -41,4 +41,7 @@ for size in (1, 32, 128):
     base = statistics.median(cpu[0])
     for i, (d, m) in enumerate(specs):
         c, w = statistics.median(cpu[i]), statistics.median(wall[i])
-        print(f"batch {size:4d} {d}:{m}  cpu-rate {c:9,.0f}/s ({c / base:.3f} of first)  wall-rate {w:9,.0f}/s", flush=True)
+        print(
+            f"batch {size:4d} {d}:{m}  cpu-rate {c:9,.0f}/s ({c / base:.3f} of first)  wall-rate {w:9,.0f}/s",
+            flush=True,
+        )

@@ -1,7 +1,7 @@
 # ruff: noqa  (scratch: the experiments behind the model card, kept as run)
 """5-fold CV of feature/model options inside the training split only (never the 1,120 test rows).
 
-    nice -n 10 .venv/bin/python scratch/cv_options.py OPTION [OPTION ...]
+    nice -n 10 .venv/bin/python -m ops.modelcard.cv_options OPTION [OPTION ...]
 
 Token ids are cached in /tmp/s17cache (outside the repository: they are derived from review text).
 """
@@ -38,7 +38,11 @@ def load() -> dict[str, Any]:
     texts = [str(r["text"]) for r in train_rows]
     tok = training.train_tokenizer(texts, 20_000, 2)
     ids = training.encode_ids(tok, texts, 4096)
-    uci = [orjson.loads(line) for line in (datasets.data_dir() / "uci-sentences.jsonl").read_bytes().splitlines() if line.strip()]
+    uci = [
+        orjson.loads(line)
+        for line in (datasets.data_dir() / "uci-sentences.jsonl").read_bytes().splitlines()
+        if line.strip()
+    ]
     uci_ids = training.encode_ids(tok, [str(r["text"]) for r in uci], 4096)
     out = {
         "ids": ids,
@@ -204,4 +208,6 @@ if __name__ == "__main__":
 
     np.save(CACHE / "oof" / (hashlib.md5(key.encode()).hexdigest()[:10] + ".npy"), oof)
     with open(CACHE / "oof" / "index.jsonl", "a") as fh:
-        fh.write(orjson.dumps({"key": key, "file": hashlib.md5(key.encode()).hexdigest()[:10], "c": best}).decode() + "\n")
+        fh.write(
+            orjson.dumps({"key": key, "file": hashlib.md5(key.encode()).hexdigest()[:10], "c": best}).decode() + "\n"
+        )
