@@ -46,6 +46,11 @@ def load_scorer(settings: Settings, path: Path | None = None) -> OnnxScorer:
     )
 
 
+def scoring_stage(settings: Settings) -> ScoringStage:
+    """The scoring hop as configured: the model folder on ``model.workers`` threads."""
+    return ScoringStage(load_scorer(settings), workers=settings.model.workers)
+
+
 async def _watch_model(stack: contextlib.AsyncExitStack, settings: Settings, scoring: ScoringStage) -> None:
     if settings.model.watch_interval_s <= 0:
         return
@@ -115,7 +120,7 @@ async def run_service(
     async with contextlib.AsyncExitStack() as stack:
         if handle_signals:
             stack.enter_context(signal_handlers(functools.partial(_on_signal, stop)))
-        scoring = ScoringStage(load_scorer(settings))
+        scoring = scoring_stage(settings)
         stack.callback(scoring.close)
         await _watch_model(stack, settings, scoring)
         sink = KafkaSink(settings.kafka)

@@ -1,6 +1,7 @@
 """The Kafka producer behind one typed adapter: idempotent, keyed, and never dropping a message silently.
 
-A thread serves delivery reports; each report is handed back to the event loop. Every failure, whether
+A thread serves delivery reports; they are handed back to the event loop in bursts (one wake-up of the loop
+for all the reports that came meanwhile, not one per message). Every failure, whether
 ``produce()`` raised it or a delivery report carried it, goes through one policy
 (:func:`consumer.errors.on_produce_error`):
 
@@ -23,6 +24,7 @@ finds too large, not only the message that made it so).
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -82,8 +84,38 @@ def record_size(out: Outgoing) -> int:
 class _Send:
     out: Outgoing
     on_delivered: OnDelivered
+    reports: _Reports
     attempt: int = 0
     rescued: bool = False  # already a replacement: refused again means the service cannot record the failure
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        """librdkafka's delivery report for this message (on the thread that polls the producer)."""
+        self.reports.put(self, err)
+
+
+class _Reports:
+    """Delivery reports from the producer's threads to the event loop, many per wake-up of the loop."""
+
+    def __init__(self, handle: Callable[[list[tuple[_Send, KafkaError | None]]], None]) -> None:
+        self._handle = handle
+        self._items: collections.deque[tuple[_Send, KafkaError | None]] = collections.deque()
+        self._scheduled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, send: _Send, err: KafkaError | None) -> None:
+        """Any thread. A wake-up is scheduled only when none is pending; a report that races with a drain
+        at worst schedules one more (empty) drain, it is never left behind."""
+        self._items.append((send, err))
+        loop = self.loop
+        if not self._scheduled and loop is not None and not loop.is_closed():
+            self._scheduled = True
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False  # before taking the items: a report appended from now on schedules again
+        items = self._items
+        batch = [items.popleft() for _ in range(len(items))]
+        self._handle(batch)
 
 
 class KafkaSink:
@@ -100,6 +132,7 @@ class KafkaSink:
         self._learning = asyncio.Lock()
         self._rescuer: Rescuer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reports = _Reports(self._delivered)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve_reports, name="kafka-producer", daemon=True)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -115,7 +148,7 @@ class KafkaSink:
 
     # -- set-up ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._reports.loop = asyncio.get_running_loop()
         self._thread.start()
 
     def rescue_with(self, rescuer: Rescuer) -> None:
@@ -166,7 +199,32 @@ class KafkaSink:
     async def publish(self, out: Outgoing, on_delivered: OnDelivered) -> None:
         """Hand a message to the producer; waits only while its local queue is full (or its topic's limit is
         read, once). Never raises for a produce error: the policy handles it."""
-        await self._send(_Send(out, on_delivered))
+        send = _Send(out, on_delivered, self._reports)
+        if not self._produce_now(send):
+            await self._send(send)
+
+    async def publish_all(self, items: Sequence[tuple[Outgoing, OnDelivered]]) -> None:
+        """:meth:`publish` for many messages, in order: those that can go at once (their topic's limit known,
+        room in the local queue) go without a coroutine each."""
+        for out, on_delivered in items:
+            send = _Send(out, on_delivered, self._reports)
+            if not self._produce_now(send):
+                await self._send(send)
+
+    def _produce_now(self, send: _Send) -> bool:
+        """Produce ``send`` if nothing stands in the way; False leaves it to the slow path (:meth:`_send`)."""
+        out = send.out
+        limit = self._limits.get(out.topic)
+        if limit is None or record_size(out) > limit:
+            return False
+        producer = self._narrow.get(out.topic, self._producer)
+        try:
+            producer.produce(out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=send)
+        except BufferError:
+            return False  # the slow path waits for room
+        except KafkaException as exc:
+            self._failed(send, exc.args[0])
+        return True
 
     async def _send(self, send: _Send) -> None:
         limit = await self.limit(send.out.topic)
@@ -194,9 +252,7 @@ class KafkaSink:
         waited = False
         while True:
             try:
-                producer.produce(
-                    out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=self._report(send)
-                )
+                producer.produce(out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=send)
                 return
             except BufferError:
                 if not waited:
@@ -206,15 +262,18 @@ class KafkaSink:
                 self._failed(send, exc.args[0])
                 return
 
-    def _report(self, send: _Send) -> Callable[[KafkaError | None, Message], None]:
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            assert self._loop is not None
-            if err is None:
-                self._loop.call_soon_threadsafe(send.on_delivered)
-            else:
-                self._loop.call_soon_threadsafe(self._failed, send, err)
-
-        return report
+    def _delivered(self, batch: list[tuple[_Send, KafkaError | None]]) -> None:
+        """On the event loop: a burst of delivery reports. A callback that raises is a bug that would leave
+        its message undone forever: fatal for the service (said once), and the rest of the burst still runs."""
+        for send, err in batch:
+            try:
+                if err is None:
+                    send.on_delivered()
+                else:
+                    self._failed(send, err)
+            except Exception as exc:
+                log.exception("delivery_callback_failed", topic=send.out.topic)
+                self._declare_fatal("sink", type(exc).__name__, repr(exc))
 
     # -- the produce-error policy ----------------------------------------------------------------------
     def _failed(self, send: _Send, err: Any) -> None:
@@ -264,7 +323,7 @@ class KafkaSink:
             return
         self.rescued += 1
         log.warning("refused_dead_lettered", topic=send.out.topic, reason=reason, dlq=replacement.topic)
-        await self._send(_Send(replacement, send.on_delivered, rescued=True))
+        await self._send(_Send(replacement, send.on_delivered, self._reports, rescued=True))
 
     def _on_client_error(self, err: KafkaError) -> None:
         """librdkafka's error callback (on the report thread): a fatal one (the idempotent producer cannot go

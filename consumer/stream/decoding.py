@@ -36,13 +36,15 @@ def decode(value: bytes | None, origin: Origin, max_text_bytes: int) -> Review:
 
 
 def _parse(value: bytes) -> Any:
+    """orjson reads the bytes as they are (it checks the UTF-8 itself); only a failure decodes them again, to
+    tell bytes that are not UTF-8 from UTF-8 that is not JSON."""
     try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError("invalid_utf8", f"byte {exc.start}: {exc.reason}") from None
-    try:
-        return orjson.loads(text)
+        return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise BadInputError("invalid_utf8", f"byte {bad.start}: {bad.reason}") from None
         raise BadInputError("invalid_json", str(exc)) from None
 
 
@@ -50,8 +52,10 @@ def _check_text(document: dict[str, Any], max_text_bytes: int) -> None:
     text = document.get("text")
     if not isinstance(text, str):
         return  # the schema check names the problem
-    if not text.strip():
+    if not text or text.isspace():
         raise BadInputError("empty_text", "text is empty or only white space")
+    if len(text) * 4 <= max_text_bytes:  # a character is at most 4 bytes of UTF-8: no need to count them
+        return
     size = len(text.encode("utf-8"))
     if size > max_text_bytes:
         raise BadInputError("text_too_long", f"text is {size} bytes; the limit is {max_text_bytes}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -57,7 +57,12 @@ class Labeler(Protocol):
 
 
 class Scoring(Protocol):
-    async def score(self, reviews: list[Review]) -> list[Scored]: ...
+    async def each(
+        self,
+        batches: asyncio.Queue[list[Review] | None],
+        handle: Callable[[list[Scored]], Awaitable[None]],
+        ahead: int = 2,
+    ) -> None: ...
 
 
 TokenEstimator = Callable[[str], int]
@@ -273,17 +278,32 @@ class Pipeline:
 
     # -- score and route -------------------------------------------------------------------------------
     async def _score_loop(self) -> None:
-        while (batch := await self._batches.get()) is not None:
-            for scored in await self._scoring.score(batch):
-                await self._dispatch(scored)
+        """Score batch after batch, later ones already scoring while one is routed and published."""
+        await self._scoring.each(self._batches, self._dispatch_batch)
 
-    async def _dispatch(self, scored: Scored) -> None:
-        if route(scored, self.loop.threshold()) is Route.SMALL:
-            done = _Completion(scored.review.origin, 1, self._finish_one, "small")
-            done.est_tokens = self._estimate(scored.review.text)
-            await self._publish_labeled(scored, None, done)
-            self.loop.on_small(scored)  # perhaps an audit, in the background: it holds no offset
-            return
+    async def _dispatch_batch(self, batch: list[Scored]) -> None:
+        """Route a scored batch under one tau: the small-path outputs go to the sink together, in order; an
+        uncertain review first lets the small-path outputs before it go."""
+        tau = self.loop.threshold()
+        ready: list[tuple[Outgoing, _Completion]] = []
+        for scored in batch:
+            if route(scored, tau) is Route.SMALL:
+                ready.append(self._small(scored))
+                self.loop.on_small(scored)  # perhaps an audit, in the background: it holds no offset
+                continue
+            if ready:
+                await self._sink.publish_all(ready)
+                ready = []
+            await self._dispatch_uncertain(scored)
+        if ready:
+            await self._sink.publish_all(ready)
+
+    def _small(self, scored: Scored) -> tuple[Outgoing, _Completion]:
+        done = _Completion(scored.review.origin, 1, self._finish_one, "small")
+        done.est_tokens = self._estimate(scored.review.text)
+        return self._labeled(scored, None), done
+
+    async def _dispatch_uncertain(self, scored: Scored) -> None:
         if self._deferrer.takes(self._llm.backlog()):  # done once the deferred record is delivered
             return await self._deferrer.defer(scored, _Completion(scored.review.origin, 1, self._finish_one))
         task = asyncio.create_task(self._ask_llm(scored), name="llm-task")
@@ -316,10 +336,12 @@ class Pipeline:
 
     # -- publish ---------------------------------------------------------------------------------------
     async def _publish_labeled(self, scored: Scored, outcome: LlmOutcome | None, done: _Completion) -> None:
+        await self._sink.publish(self._labeled(scored, outcome), done)
+
+    def _labeled(self, scored: Scored, outcome: LlmOutcome | None) -> Outgoing:
         message = outputs.labeled(scored, outcome, self.loop.in_force, self._s.metrics.instance_id)
         headers = (*scored.review.origin.headers, ("shunt-source", str(message["source"]).encode()))
-        out = Outgoing(self._s.topics.output, scored.review.id, contracts.dumps(message), headers)
-        await self._sink.publish(out, done)
+        return Outgoing(self._s.topics.output, scored.review.id, contracts.dumps(message), headers)
 
     async def _dead_letter(
         self, reason: str, detail: str, origin: Origin, value: bytes | None, review: Review | None = None

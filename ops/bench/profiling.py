@@ -47,12 +47,16 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("baseline token estimate", _F + r"estimate_prompt_tokens \("),
     ("metering (Meter.on_labeled)", r"\(consumer/observe/meter\.py"),
     ("offset tracking", r"\(consumer/stream/offsets\.py"),
-    ("produce() into librdkafka", _F + r"publish \(consumer/kafka/sink\.py"),
+    ("produce() into librdkafka", _F + r"(publish|publish_all|_produce_now) \(consumer/kafka/sink\.py"),
     ("delivery reports: producer.poll", _F + r"_serve_reports \(consumer/kafka/sink\.py"),
+    ("delivery reports on the loop", _F + r"(_delivered|_drain) \(consumer/kafka/sink\.py"),
     ("completion callbacks (_finish_one)", _F + r"(_finish_one|__call__) \(consumer/stream/(pipeline|completion)\.py"),
     ("accept batch (per-message glue)", _F + r"(_accept \(consumer/stream/pipeline|\w+ \(consumer/kafka/message)\.py"),
-    ("dispatch / publish glue", _F + r"(_dispatch|_publish_labeled|_score_loop) \(consumer/stream/pipeline\.py"),
-    ("score() hop (executor handoff)", _F + r"score \(consumer/small/scoring\.py"),
+    (
+        "dispatch / publish glue",
+        _F + r"(_dispatch\w*|_small|_labeled|_publish_labeled|_score_loop) \(consumer/stream/pipeline\.py",
+    ),
+    ("score() hop (executor handoff)", _F + r"(score|each|_feed) \(consumer/small/scoring\.py"),
     ("metrics emitter / admin", r"\(consumer/observe/(emitter|http|wiring)\.py"),
 )
 # Generic frames that sit under the specific ones (the loop runs every callback): used only when no

@@ -7,8 +7,9 @@ Too-large outputs drop their copied headers, dead letters too large are cut to t
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -190,3 +191,36 @@ async def test_a_rescue_that_raises_is_fatal_not_a_message_left_undone(made: Any
     await sink.publish(Outgoing(compacted, None, b"{}"), lambda: delivered.append(1))  # null key: INVALID_RECORD
     await eventually(sink.fatal_event.is_set, 30, "the sink declares the dead task fatal")
     assert sink.fatal is not None and "rescuer bug" in sink.fatal.detail and delivered == []
+
+
+async def test_many_messages_are_each_reported_once_on_the_loop_in_order(made: Any, closing: list[KafkaSink]) -> None:
+    topic = made("burst")
+    closing.append(sink := await started())
+    await sink.learn_limits([topic])
+    loop_thread, seen = threading.get_ident(), []
+
+    def delivered(i: int) -> Callable[[], None]:
+        return lambda: seen.append((i, threading.get_ident()))
+
+    await sink.publish_all([(Outgoing(topic, str(i), b"{}"), delivered(i)) for i in range(2_000)])
+    await eventually(lambda: len(seen) >= 2_000, 30, "every delivery reported")
+    assert [i for i, _ in seen] == list(range(2_000))  # one partition: the broker's order is ours
+    assert {thread for _, thread in seen} == {loop_thread}
+    assert len(read(topic, 2_000)) == 2_000
+
+
+async def test_a_delivery_callback_that_raises_is_fatal_and_the_others_still_run(
+    made: Any, closing: list[KafkaSink]
+) -> None:
+    topic = made("raises")
+    closing.append(sink := await started())
+    seen: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("callback bug")
+
+    items = [(Outgoing(topic, str(i), b"{}"), (lambda i=i: seen.append(i)) if i != 3 else broken) for i in range(8)]
+    await sink.publish_all(items)
+    await eventually(lambda: len(seen) == 7, 30, "the other callbacks ran")
+    assert sink.fatal is not None and "callback bug" in sink.fatal.detail
+    assert sorted(seen) == [0, 1, 2, 4, 5, 6, 7]

@@ -119,6 +119,12 @@ def test_token_estimate_is_documented_and_pessimistic_for_non_latin_text() -> No
     assert estimate_request_tokens(build_prompt("Great kettle.", THREE, "s4l"), 20) == expected + 20
 
 
+@given(st.text(max_size=300), st.sampled_from([("negative", "positive"), ("negative", "neutral", "positive")]))
+def test_the_baseline_estimate_is_the_plain_prompts_count_unbuilt(text: str, labels: tuple[str, ...]) -> None:
+    plain = build_prompt(text, dict.fromkeys(labels, 1 / len(labels)), "plain")
+    assert estimate_prompt_tokens(text, labels) == count_prompt_tokens(plain.messages)
+
+
 def test_baseline_estimate_grows_with_the_text() -> None:
     short, long = estimate_prompt_tokens("ok"), estimate_prompt_tokens("ok " * 400)
     assert long - short == pytest.approx(300, abs=2)
