@@ -1,11 +1,13 @@
-"""Benchmark: drive the LLM pool at saturation against the stand-in; it must use its RPM budget, never more.
+"""Benchmark: drive the LLM pool at saturation against the stand-in; it must use its RPM/TPM budget, never more.
 
     .venv/bin/python -m ops.bench.llm_saturation [--duration 120] [--rpm 600] [--concurrency 16]
 
 The stand-in runs in-process with limits ten times the client's (so any 429 would be the client's fault)
 and 200-800 ms latency. ``--drivers`` callers keep the pool's queue full for ``--duration`` seconds. The
 table shows the configured RPM, the achieved RPM after the first minute and over the whole run, the most
-requests the stand-in saw in any 60 s window, and the 429s; the same goes to .bench/llm_saturation.json.
+requests the stand-in saw in any 60 s window, the tokens it billed per minute against the configured TPM
+(``--tpm`` low and ``--repeat-text`` long reviews make TPM the binding limit), and the 429s; the same goes
+to .bench/llm_saturation.json.
 Review texts come from ../shared/data when it is there (read, never copied), else they are generated.
 """
 
@@ -48,6 +50,9 @@ class Result:
     achieved_rpm_after_first_minute: float | None
     ideal_rpm: float
     max_requests_in_any_60s_window: int
+    tokens: int
+    achieved_tpm_whole_run: float
+    achieved_tpm_after_first_minute: float | None
     rate_limited_429s_received: int
     rate_limited_429s_sent_by_standin: int
     early_requests: int
@@ -64,9 +69,10 @@ def review_texts(path: Path) -> list[str]:
     ]
 
 
-def reviews(texts: list[str]) -> Iterator[Scored]:
+def reviews(texts: list[str], repeat: int = 1) -> Iterator[Scored]:
+    """Unique reviews (nothing is answered twice); ``repeat`` > 1 makes long ones, for a TPM-bound run."""
     for n in itertools.count():
-        text = f"{texts[n % len(texts)]} (#{n})"  # unique, so nothing is answered twice
+        text = " ".join(texts[(n + i) % len(texts)] for i in range(repeat)) + f" (#{n})"
         yield Scored(Review(f"bench-{n}", text, Origin("bench", 0, n)), Prediction("positive", 0.58, PROBS, "bench"))
 
 
@@ -89,7 +95,7 @@ async def run(options: dict[str, Any]) -> Result:
         config = LlmConfig(base_url=url, rpm=rpm, tpm=tpm, max_concurrency=options["concurrency"], cache_size=0)
         try:
             async with LlmPool(config, drain_timeout_s=1.0) as pool:
-                stop, source = asyncio.Event(), reviews(review_texts(options["data"]))
+                stop, source = asyncio.Event(), reviews(review_texts(options["data"]), options["repeat_text"])
                 tasks += [asyncio.create_task(drive(pool, source, stop, failures)) for _ in range(options["drivers"])]
                 at_minute, at_end = await _window(server, duration)
                 stop.set()
@@ -101,42 +107,53 @@ async def run(options: dict[str, Any]) -> Result:
     return _result(options, at_minute, at_end, seen, received, failures, latency)
 
 
-async def _window(server: StandinServer, duration: float) -> tuple[tuple[float, int] | None, tuple[float, int]]:
-    """The stand-in's request count after the first minute (when the run is longer) and at the end."""
+Mark = tuple[float, int, int]  # (monotonic time, requests the stand-in received, tokens it billed)
+
+
+async def _window(server: StandinServer, duration: float) -> tuple[Mark | None, Mark]:
+    """The stand-in's request and token counts after the first minute (when the run is longer) and at the end."""
     start = time.monotonic()
     at_minute = await _requests_at(server, start + 60.0) if duration > 60 else None
     return at_minute, await _requests_at(server, start + duration)
 
 
-async def _requests_at(server: StandinServer, when: float) -> tuple[float, int]:
-    """Wait until monotonic time ``when``; then (that time, requests the stand-in has received)."""
-    await asyncio.sleep(max(0.0, when - time.monotonic()))
-    return when, int(server.stats()["requests"])
+async def _requests_at(server: StandinServer, when: float) -> Mark:
+    """Wait until monotonic time ``when``; then (that time, requests received, tokens billed) at the stand-in."""
+    await asyncio.sleep(max(0.0, when - time.monotonic()))  # a point in time to read the counters, not a sync
+    stats = server.stats()
+    return when, int(stats["requests"]), int(stats["prompt_tokens"]) + int(stats["completion_tokens"])
 
 
 def _result(
     options: dict[str, Any],
-    at_minute: tuple[float, int] | None,
-    at_end: tuple[float, int],
+    at_minute: Mark | None,
+    at_end: Mark,
     seen: dict[str, Any],
     received: int,
     failures: list[str],
     latency: tuple[float, float],
 ) -> Result:
     duration, rpm = options["duration"], options["rpm"]
-    after = None
+    after = after_tpm = None
     if at_minute is not None:
         after = (at_end[1] - at_minute[1]) / (at_end[0] - at_minute[0]) * 60.0
+        after_tpm = (at_end[2] - at_minute[2]) / (at_end[0] - at_minute[0]) * 60.0
     return Result(
         configured_rpm=rpm, configured_tpm=options["tpm"], duration_s=duration, requests=at_end[1],
         answered=int(seen["answered"]), achieved_rpm_whole_run=round(at_end[1] / duration * 60.0, 1),
         achieved_rpm_after_first_minute=None if after is None else round(after, 1),
         ideal_rpm=round(rpm * WINDOW_S / (WINDOW_S + DEFAULT_MARGIN_S), 1),
         max_requests_in_any_60s_window=int(seen["max_requests_in_any_60s_window"]),
+        tokens=at_end[2], achieved_tpm_whole_run=round(at_end[2] / duration * 60.0, 1),
+        achieved_tpm_after_first_minute=None if after_tpm is None else round(after_tpm, 1),
         rate_limited_429s_received=received, rate_limited_429s_sent_by_standin=int(seen["rate_limited_sent"]),
         early_requests=int(seen["early_requests"]), failures_other_than_shutdown=len(failures),
         concurrency=options["concurrency"], latency_ms=latency,
     )  # fmt: skip
+
+
+def _share(value: float | None, limit: int) -> str:
+    return "n/a" if value is None else f"{value:,.0f} ({value / limit:.1%})"
 
 
 def show(result: Result) -> None:
@@ -156,6 +173,9 @@ def show(result: Result) -> None:
             "max requests in any 60 s window (stand-in)",
             f"{result.max_requests_in_any_60s_window} (limit {rpm})",
         ),
+        ("configured TPM", f"{result.configured_tpm:,}"),
+        ("achieved TPM, after the first minute", _share(result.achieved_tpm_after_first_minute, result.configured_tpm)),
+        ("achieved TPM, whole run", _share(result.achieved_tpm_whole_run, result.configured_tpm)),
         ("429s received", str(result.rate_limited_429s_received)),
         ("requests in the run / answered incl. drain", f"{result.requests} / {result.answered}"),
         (
@@ -176,6 +196,8 @@ def show(result: Result) -> None:
 @click.option("--drivers", type=click.IntRange(min=1), default=64, show_default=True, help="Callers keeping it busy.")
 @click.option("--latency-ms", default="200-800", show_default=True, help="The stand-in's latency LO-HI.")
 @click.option("--data", type=click.Path(path_type=Path), default=DATA, help="JSON lines with review 'text'.")
+@click.option("--repeat-text", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Join this many reviews into one (long reviews: TPM binds before RPM).")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=BENCH_DIR / "llm_saturation.json")
 def main(**options: Any) -> None:
     """Drive the LLM pool at saturation and report the rate it achieved."""

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,24 @@ SETUP = "python -m venv .bench/venv && .bench/venv/bin/pip install -e '.[bench]'
 
 
 def command(bootstrap: str, source: str, output: str, count: int, group: str) -> list[str]:
-    """The peer's command line (its own venv's interpreter); SystemExit with the setup line if it is missing."""
-    if not VENV_PYTHON.exists():
-        raise SystemExit(f"the Quix Streams peer needs its venv: {SETUP}")
+    """The peer's command line (its own venv's interpreter, made on first use)."""
+    ensure_venv()
     args = ["--bootstrap", bootstrap, "--input", source, "--output", output, "--count", str(count)]
     return [str(VENV_PYTHON), "-m", "ops.bench.peer_quix", *args, "--group", group]
+
+
+def ensure_venv() -> None:
+    """Create ``.bench/venv`` with the ``bench`` extra unless it is there (a minute or two, once)."""
+    if VENV_PYTHON.exists():
+        return
+    print(f"peer: creating its venv (once): {SETUP}", file=sys.stderr, flush=True)
+    venv = VENV_PYTHON.parents[1]
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[bench]"], check=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(venv, ignore_errors=True)  # a half-made venv would be taken for a good one next time
+        raise SystemExit(f"the Quix Streams peer's venv could not be made ({exc}); try by hand: {SETUP}") from None
 
 
 def env() -> dict[str, str]:

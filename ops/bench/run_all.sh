@@ -18,9 +18,11 @@ if [[ -z "${KAFKA_BOOTSTRAP:-}" ]]; then
 fi
 echo "Kafka at ${KAFKA_BOOTSTRAP}"
 
+"$PY" -m ops.bench.compare --bootstrap "$KAFKA_BOOTSTRAP"
 "$PY" -m ops.bench.throughput --bootstrap "$KAFKA_BOOTSTRAP"
 "$PY" -m ops.bench.latency --bootstrap "$KAFKA_BOOTSTRAP"
 "$PY" -m ops.bench.memory --bootstrap "$KAFKA_BOOTSTRAP"
 "$PY" -m ops.bench.scaleout --bootstrap "$KAFKA_BOOTSTRAP" --pinned
 "$PY" -m ops.bench.glue
-"$PY" -m ops.bench.llm_saturation --duration 120
+"$PY" -m ops.bench.llm_saturation --duration 120 --out .bench/llm_saturation_rpm.json
+"$PY" -m ops.bench.llm_saturation --duration 120 --rpm 100000 --tpm 100000 --repeat-text 4 --out .bench/llm_saturation_tpm.json
