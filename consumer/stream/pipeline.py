@@ -1,7 +1,8 @@
 """The shunt pipeline: fetch -> decode -> score (micro-batches) -> route -> publish or ask the LLM -> done.
 
-Two loops joined by a small bounded queue: the fetch loop reads and decodes while the score loop runs the
-small model on the previous batch. Uncertain reviews become tasks awaiting the LLM pool; every task is
+Two loops joined by a small bounded queue: the fetch loop reads and decodes while the score loop keeps up to
+two batches scoring on the model's worker threads and routes the one before them; a batch's small-path
+outputs go to the sink together. Uncertain reviews become tasks awaiting the LLM pool; every task is
 kept and awaited. A message is done when every message it produced is delivered; only then can its
 offset be stored, and only once every earlier offset of its partition is done too.
 """
