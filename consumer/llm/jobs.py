@@ -152,26 +152,40 @@ class Lanes:
         self._audits: deque[Job] = deque()
         self._audit_max, self._audit_slots = audit_max, audit_slots
         self.audits_in_progress = 0
-        self._work = asyncio.Event()
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for a job, first come first woken
 
     async def put(self, job: Job) -> None:
         await self.real.put(job)
-        self._work.set()
+        self._wake_one()
 
     def offer_audit(self, job: Job) -> bool:
         if len(self._audits) >= self._audit_max:
             return False
         self._audits.append(job)
-        self._work.set()
+        self._wake_one()
         return True
 
     async def get(self) -> Job:
+        """The next job; an idle worker waits until one is put for it (one waiter woken per job, not all)."""
         while True:
             try:
                 return self.get_nowait(self._audit_slots)
             except asyncio.QueueEmpty:
-                self._work.clear()
-                await self._work.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():
+                        self._wake_one()  # woken and cancelled at once: the job it was woken for needs another
+                    raise
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def get_nowait(self, audit_slots: int | None = None) -> Job:
         """The next job: a real one, else an audit while a slot is free (any audit with no limit given)."""
@@ -185,7 +199,7 @@ class Lanes:
     def done(self, job: Job) -> None:
         if job.audit:
             self.audits_in_progress -= 1
-            self._work.set()
+            self._wake_one()  # an audit slot is free: a waiting audit may go
         else:
             self.real.task_done()
 

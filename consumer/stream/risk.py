@@ -14,11 +14,15 @@ labels play no part in it and the guarantee holds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 _BISECT_STEPS = 60
+_NUMPY_FROM = 256  # tails longer than this are summed in numpy
 
 
 def _log_binom_pmf(k: int, n: int, p: float) -> float:
@@ -26,20 +30,44 @@ def _log_binom_pmf(k: int, n: int, p: float) -> float:
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p), summed in log space (exact enough for n in the millions)."""
+    """P(X <= k) for X ~ Binomial(n, p), summed in log space over the shorter tail (at most n/2 terms; exact
+    to ~1e-11 absolute, far finer than the bound search needs to compare it with alpha)."""
     if k < 0:
         return 0.0
     if k >= n or p <= 0.0:
         return 1.0
     if p >= 1.0:
         return 0.0
-    logs = [_log_binom_pmf(i, n, p) for i in range(k + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * math.fsum(math.exp(v - top) for v in logs))
+    if k > n // 2:  # P(X <= k) = 1 - P(Y <= n - k - 1) with Y ~ Binomial(n, 1 - p): fewer terms
+        return max(0.0, 1.0 - _lower_tail(n - k - 1, n, 1.0 - p))
+    return _lower_tail(k, n, p)
 
 
+def _lower_tail(k: int, n: int, p: float) -> float:
+    """P(X <= k), the pmf's logs by the ratio of neighbours (one log a term instead of three lgammas);
+    a long tail (a large cumulative count) in numpy, so a metrics snapshot never stalls the loop."""
+    top_log = _log_binom_pmf(k, n, p)
+    odds = math.log1p(-p) - math.log(p)
+    if k > _NUMPY_FROM:
+        i = np.arange(k, 0, -1, dtype=np.float64)
+        steps = np.log(i / (n - i + 1)) + odds  # log pmf(i - 1) - log pmf(i), for i = k .. 1
+        logs = np.concatenate(([top_log], top_log + np.cumsum(steps)))
+        peak = float(logs.max())
+        return min(1.0, math.exp(peak) * float(np.exp(logs - peak).sum()))
+    terms = [0.0] * (k + 1)
+    terms[k] = top_log
+    for j in range(k, 0, -1):
+        terms[j - 1] = terms[j] + math.log(j / (n - j + 1)) + odds
+    peak = max(terms)
+    return min(1.0, math.exp(peak) * math.fsum(math.exp(v - peak) for v in terms))
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
     """One-sided upper (1 - alpha) bound on p after k successes in n trials (1.0 when n is 0).
+
+    Cached: the drift alarm asks for the same few (k, n) after every audit, the adaptive rule for the same
+    error counts every few samples; each answer is a 60-step bisection.
 
     The p at which P(X <= k) = alpha, found by bisection (the CDF falls as p grows); the upper end of the
     last bracket is returned, so the bound errs on the safe side."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -88,3 +89,25 @@ def test_no_certified_tau_when_the_model_is_too_weak() -> None:
     correct = [rng.random() < 0.8 for _ in conf]  # 20% wrong at every confidence
     choice = risk_threshold(conf, correct, max_error=0.03)
     assert choice.threshold is None and choice.share_to_llm == 1.0
+
+
+def _direct_cdf(k: int, n: int, p: float) -> float:
+    """The definition, term by term with exact binomial coefficients (small n only)."""
+    return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+@given(st.integers(1, 300), st.data())
+def test_the_cdf_summed_over_the_shorter_tail_is_the_definition(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(-1, n + 1))
+    p = data.draw(st.floats(1e-6, 1 - 1e-6))
+    assert binom_cdf(k, n, p) == pytest.approx(_direct_cdf(min(max(k, -1), n), n, p) if k >= 0 else 0.0, abs=1e-11)
+
+
+@given(st.integers(600, 3000), st.data())
+def test_a_long_tail_summed_in_numpy_agrees_with_the_short_one(n: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(257, n // 2))
+    p = data.draw(st.floats(0.05, 0.95))
+    by_complement = 1.0 - binom_cdf(n - k - 1, n, 1.0 - p)  # the other tail: also long, summed the same way
+    assert binom_cdf(k, n, p) == pytest.approx(by_complement, abs=1e-9)
+    if n <= 1000:  # exact binomial coefficients still fit a float
+        assert binom_cdf(k, n, p) == pytest.approx(_direct_cdf(k, n, p), abs=1e-9)
