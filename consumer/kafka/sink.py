@@ -1,7 +1,7 @@
 """The Kafka producer behind one typed adapter: idempotent, keyed, and never dropping a message silently.
 
-A thread serves delivery reports; they are handed back to the event loop in bursts (one wake-up of the loop
-for all the reports that came meanwhile, not one per message). Every failure, whether
+A thread serves delivery reports; they are handed back to the event loop in bursts
+(:mod:`consumer.kafka.reports`). Every failure, whether
 ``produce()`` raised it or a delivery report carried it, goes through one policy
 (:func:`consumer.errors.on_produce_error`):
 
@@ -24,7 +24,6 @@ finds too large, not only the message that made it so).
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -38,6 +37,7 @@ from consumer.aio import cancel_and_wait
 from consumer.config import KafkaConfig, librdkafka_config
 from consumer.errors import FatalError, ProduceAction, on_produce_error
 from consumer.kafka.admin import TopicAdmin, TopicAdminError
+from consumer.kafka.reports import DeliveryReports
 from consumer.records import Origin
 
 log = structlog.get_logger(__name__)
@@ -84,38 +84,13 @@ def record_size(out: Outgoing) -> int:
 class _Send:
     out: Outgoing
     on_delivered: OnDelivered
-    reports: _Reports
+    reports: DeliveryReports[tuple[_Send, KafkaError | None]]
     attempt: int = 0
     rescued: bool = False  # already a replacement: refused again means the service cannot record the failure
 
     def __call__(self, err: KafkaError | None, _msg: Message) -> None:
         """librdkafka's delivery report for this message (on the thread that polls the producer)."""
-        self.reports.put(self, err)
-
-
-class _Reports:
-    """Delivery reports from the producer's threads to the event loop, many per wake-up of the loop."""
-
-    def __init__(self, handle: Callable[[list[tuple[_Send, KafkaError | None]]], None]) -> None:
-        self._handle = handle
-        self._items: collections.deque[tuple[_Send, KafkaError | None]] = collections.deque()
-        self._scheduled = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def put(self, send: _Send, err: KafkaError | None) -> None:
-        """Any thread. A wake-up is scheduled only when none is pending; a report that races with a drain
-        at worst schedules one more (empty) drain, it is never left behind."""
-        self._items.append((send, err))
-        loop = self.loop
-        if not self._scheduled and loop is not None and not loop.is_closed():
-            self._scheduled = True
-            loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False  # before taking the items: a report appended from now on schedules again
-        items = self._items
-        batch = [items.popleft() for _ in range(len(items))]
-        self._handle(batch)
+        self.reports.put((self, err))
 
 
 class KafkaSink:
@@ -132,7 +107,7 @@ class KafkaSink:
         self._learning = asyncio.Lock()
         self._rescuer: Rescuer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reports = _Reports(self._delivered)
+        self._reports: DeliveryReports[tuple[_Send, KafkaError | None]] = DeliveryReports(self._delivered)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve_reports, name="kafka-producer", daemon=True)
         self._tasks: set[asyncio.Task[None]] = set()

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable
 
 import structlog
 
@@ -22,64 +20,25 @@ from consumer.aio import cancel_and_wait, wait_until
 from consumer.config import Settings
 from consumer.errors import BadInputError, FatalError
 from consumer.kafka.message import Message, origin_of
-from consumer.kafka.sink import KafkaSink, Outgoing
+from consumer.kafka.sink import Outgoing
 from consumer.kafka.source import KafkaSource
-from consumer.observe.meter import Meter
 from consumer.records import LlmAnswer, LlmFailure, LlmOutcome, Origin, Review, Scored
 from consumer.records import TopicPartition as TP
 from consumer.stream import outputs
 from consumer.stream.completion import Completion
 from consumer.stream.decoding import decode
-from consumer.stream.deferral import NO_DEFERRAL, Deferring
 from consumer.stream.loop import ClosedLoop
 from consumer.stream.offsets import OffsetTracker
+from consumer.stream.parts import Labeler, Parts, Scoring, TokenEstimator
 from consumer.stream.routing import Route, on_give_up, route
 from consumer.stream.supervisor import Supervisor
+
+__all__ = ["Labeler", "Parts", "Pipeline", "Scoring", "TokenEstimator"]
 
 log = structlog.get_logger(__name__)
 _IDLE_POLL_S = 0.2
 _SCORE_QUEUE = 1  # fetched batches waiting for the scorer, beyond the two it scores: more only adds latency
 # (measured: 4 -> 1 took the small-path p99 at half load 276 -> 146 ms and the service 7,553 -> 9,759/s, BENCHMARKS.md)
-
-
-class Labeler(Protocol):
-    """The LLM pool as the pipeline sees it."""
-
-    async def label(
-        self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l", *, audit: bool = False
-    ) -> LlmOutcome: ...
-
-    def backlog(self) -> int: ...
-
-    def audit_backlog(self) -> int: ...
-
-    def backlog_bytes(self) -> int: ...
-
-    def set_share(self, fraction: float) -> None: ...
-
-
-class Scoring(Protocol):
-    async def each(
-        self,
-        batches: asyncio.Queue[list[Review] | None],
-        handle: Callable[[list[Scored]], Awaitable[None]],
-        ahead: int = 2,
-    ) -> None: ...
-
-
-TokenEstimator = Callable[[str], int]
-
-
-@dataclass(frozen=True)
-class Parts:
-    """The stages the pipeline drives; the app builds them and owns their lifecycles."""
-
-    sink: KafkaSink
-    scoring: Scoring
-    llm: Labeler
-    meter: Meter
-    estimate: TokenEstimator
-    deferrer: Deferring = NO_DEFERRAL  # the batch lane's hook (consumer.stream.deferral)
 
 
 _Completion = Completion  # the old name, which ops/bench/glue.py measures
