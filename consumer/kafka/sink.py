@@ -188,18 +188,8 @@ class KafkaSink:
 
     def _produce_now(self, send: _Send) -> bool:
         """Produce ``send`` if nothing stands in the way; False leaves it to the slow path (:meth:`_send`)."""
-        out = send.out
-        limit = self._limits.get(out.topic)
-        if limit is None or record_size(out) > limit:
-            return False
-        producer = self._narrow.get(out.topic, self._producer)
-        try:
-            producer.produce(out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=send)
-        except BufferError:
-            return False  # the slow path waits for room
-        except KafkaException as exc:
-            self._failed(send, exc.args[0])
-        return True
+        limit = self._limits.get(send.out.topic)
+        return limit is not None and record_size(send.out) <= limit and self._try_produce(send)
 
     async def _send(self, send: _Send) -> None:
         limit = await self.limit(send.out.topic)
@@ -222,20 +212,24 @@ class KafkaSink:
         return replace(out, headers=(*own, (HEADERS_DROPPED, str(dropped).encode())))
 
     async def _produce(self, send: _Send) -> None:
+        waited = False
+        while not self._try_produce(send):
+            if not waited:
+                waited, self.queue_full = True, self.queue_full + 1
+            await asyncio.sleep(0.005)  # the local queue is full; the report thread is draining it
+
+    def _try_produce(self, send: _Send) -> bool:
+        """One ``produce()``: False when the local queue is full. A message produce() refuses itself
+        (MSG_SIZE_TOO_LARGE, ...) goes to the policy and counts as handled."""
         out = send.out
         producer = self._narrow.get(out.topic, self._producer)
-        waited = False
-        while True:
-            try:
-                producer.produce(out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=send)
-                return
-            except BufferError:
-                if not waited:
-                    waited, self.queue_full = True, self.queue_full + 1
-                await asyncio.sleep(0.005)  # the local queue is full; the report thread is draining it
-            except KafkaException as exc:  # produce() refuses some messages itself (MSG_SIZE_TOO_LARGE, ...)
-                self._failed(send, exc.args[0])
-                return
+        try:
+            producer.produce(out.topic, value=out.value, key=out.key, headers=list(out.headers), on_delivery=send)
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            self._failed(send, exc.args[0])
+        return True
 
     def _delivered(self, batch: list[tuple[_Send, KafkaError | None]]) -> None:
         """On the event loop: a burst of delivery reports. A callback that raises is a bug that would leave
