@@ -6,24 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from consumer.kafka.sink import KafkaSink
 from consumer.observe.meter import Meter
-from consumer.records import LlmOutcome, Review, Scored
+from consumer.records import Review, Scored
 from consumer.stream.deferral import NO_DEFERRAL, Deferring
+from consumer.stream.loop import AuditPool
 
 
-class Labeler(Protocol):
-    """The LLM pool as the pipeline sees it."""
-
-    async def label(
-        self, scored: Scored, prompt: Literal["s4l", "plain"] = "s4l", *, audit: bool = False
-    ) -> LlmOutcome: ...
-
-    def backlog(self) -> int: ...
-
-    def audit_backlog(self) -> int: ...
+class Labeler(AuditPool, Protocol):
+    """The LLM pool as the pipeline sees it: what the closed loop needs of it, and the byte backlog and share."""
 
     def backlog_bytes(self) -> int: ...
 
