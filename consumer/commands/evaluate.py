@@ -33,6 +33,18 @@ def _thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -
         raise click.BadParameter(str(exc)) from None
 
 
+def _cost_cap(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    if value.strip().lower() == "none":
+        return None
+    try:
+        cap = float(value)
+    except ValueError:
+        raise click.BadParameter(f"a ratio such as 0.31, or none; got {value!r}") from None
+    if not 0.0 <= cap <= 1.0:
+        raise click.BadParameter(f"a ratio of the LLM alone's cost, between 0 and 1; got {cap:g}")
+    return cap
+
+
 @click.command(name="eval")
 @config_option
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -48,9 +60,12 @@ def _thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Small model folder (model.path).")  # fmt: skip
 @click.option("--thresholds", callback=_thresholds, metavar="X,Y,...",
-              help="Thresholds to sweep (default: 0, 0.5..0.9 by 0.05, 0.91..0.99 by 0.01, 1).")  # fmt: skip
-@click.option("--cost-cap", type=click.FloatRange(min=0), metavar="RATIO",
-              help="Also pick the best threshold costing at most RATIO of the LLM alone (0.3 = 30%).")  # fmt: skip
+              help="Thresholds to sweep (default: 0, then 0.5..1 by 0.01).")  # fmt: skip
+@click.option("--cost-cap", callback=_cost_cap, metavar="RATIO|none", default=str(ev.DEFAULT_COST_CAP),
+              show_default=True,
+              help="Recommend the most accurate threshold costing at most RATIO of the LLM alone (the default is "
+                   "the paper's DS+ operating point); none: recommend the cheapest threshold at least as accurate "
+                   "as the LLM alone.")  # fmt: skip
 @click.option("--max-error", type=click.FloatRange(0, 1, min_open=True), metavar="E",
               help="Also find the risk-controlled threshold: the lowest tau whose upper confidence bound on the "
                    "small path's error is at most E (router.max_error).")  # fmt: skip
@@ -120,7 +135,10 @@ def _print(console: Console, report: Mapping[str, Any], out: Path) -> None:
     if pick["point"] is None:
         console.print("[yellow]No swept threshold meets the goal; see the table above.[/]")
     else:
-        console.print(f"Set it ({pick['point']['name']}, {ev.GOALS[pick['goal']]}):")
+        goal = ev.GOALS[pick["goal"]]
+        if pick["goal"] == "cost_cap":
+            goal += f" ({percent(report['cost_cap'])} of the LLM alone; --cost-cap sets it)"
+        console.print(f"Set it ({pick['point']['name']}, {goal}):")
         console.print(pick["toml"], markup=False, highlight=False)
         console.print(f"or  {pick['env']}", markup=False, highlight=False)
     if "risk" in report:
@@ -154,13 +172,21 @@ def _baselines_table(report: Mapping[str, Any]) -> Table:
     return table
 
 
+# Beyond this many thresholds the console shows a readable subset; report.json always has every one.
+_SWEEP_ROWS = 25
+
+
 def _sweep_table(report: Mapping[str, Any]) -> Table:
-    table = Table(title="DS (plain prompt) and DS+ (S4L prompt) by threshold; cost is the ratio to the LLM alone")
+    rows = report["sweep"]
+    shown = _shown_rows(report)
+    caption = None if len(shown) == len(rows) else f"{len(shown)} of {len(rows)} thresholds; report.json has all"
+    title = "DS (plain prompt) and DS+ (S4L prompt) by threshold; cost is the ratio to the LLM alone"
+    table = Table(title=title, caption=caption)
     for name in ("threshold", "to LLM", "DS acc", "DS F1", "DS cost", "DS+ acc", "DS+ F1", "DS+ cost"):
         table.add_column(name, justify="right")
     llm_accuracy = report["llm_alone"]["accuracy"]
     chosen = report["recommended"]["threshold"]
-    for row in report["sweep"]:
+    for row in shown:
         ds, plus = row["ds"], row["ds_plus"]
         cells = [f"{row['threshold']:g}", percent(ds["llm_share"])]
         for point in (ds, plus):
@@ -169,6 +195,19 @@ def _sweep_table(report: Mapping[str, Any]) -> Table:
                       f"{point['macro_f1']:.4f}", percent(point["cost_ratio"])]  # fmt: skip
         table.add_row(*cells, style="bold" if row["threshold"] == chosen else None)
     return table
+
+
+def _shown_rows(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every row of a short sweep; of a long one, every 0.05, every 0.01 from 0.9, and each chosen threshold."""
+    rows = report["sweep"]
+    if len(rows) <= _SWEEP_ROWS:
+        return list(rows)
+    chosen = {c["threshold"] for picks in report["choices"].values() for c in picks if c["point"] is not None}
+    return [
+        row
+        for row in rows
+        if row["threshold"] in chosen or row["threshold"] >= 0.9 or round(row["threshold"] * 100) % 5 == 0
+    ]
 
 
 def _choices_table(report: Mapping[str, Any]) -> Table:

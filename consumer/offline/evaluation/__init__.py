@@ -51,6 +51,7 @@ from consumer.offline.evaluation.report import (
 )
 from consumer.offline.evaluation.runner import evaluate
 from consumer.offline.evaluation.thresholds import (
+    DEFAULT_COST_CAP,
     GOALS,
     Choice,
     best_accuracy,
@@ -65,6 +66,7 @@ from consumer.offline.evaluation.thresholds import (
 
 __all__ = [
     "ANSWERS_FILE",
+    "DEFAULT_COST_CAP",
     "DEFAULT_THRESHOLDS",
     "GOALS",
     "KIND_OF",

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 from consumer.offline.evaluation.arithmetic import Point
 
+# The budget `shunt eval` recommends for unless told otherwise: the paper's DS+ operating point, 31.18% of
+# the LLM alone's cost (rounded down). A budget is the question a user asks ("what does a third of the bill
+# buy?"); "the cheapest threshold as accurate as the LLM alone" answers a different one and buys the least
+# accuracy that still ties, so it is reported but recommended only without a cap.
+DEFAULT_COST_CAP = 0.31
+
 
 def best_accuracy(points: Sequence[Point]) -> Point | None:
     """The most accurate point; ties go to the cheaper, then to the lower threshold."""

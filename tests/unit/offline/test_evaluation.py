@@ -361,6 +361,28 @@ def test_eval_from_a_replay_file_writes_the_report_answers_and_plots(
     assert without_run_details(again) == without_run_details(report)
 
 
+def test_eval_recommends_within_the_default_cost_cap_and_none_restores_the_tie_rule(
+    tmp_path: Path, labelled: Path, model_dir: Path
+) -> None:
+    rows = [orjson.loads(line) for line in labelled.read_bytes().splitlines()]
+    replay = write_jsonl(tmp_path / "replay.jsonl", [{"id": r["id"], "label": r["label"]} for r in rows])
+    args = ["--data", str(labelled), "--replay", str(replay), "--model", str(model_dir)]
+    report = run_eval(*args, "--out", str(tmp_path / "capped"))
+    assert [row["threshold"] for row in report["sweep"]] == list(ev.DEFAULT_THRESHOLDS)
+    assert len(ev.DEFAULT_THRESHOLDS) == 52 and ev.DEFAULT_THRESHOLDS[1:3] == (0.5, 0.51)
+    assert report["cost_cap"] == ev.DEFAULT_COST_CAP == 0.31
+    pick = report["recommended"]
+    assert pick["goal"] == "cost_cap" and pick["point"]["cost_ratio"] <= 0.31
+    within = [row["ds_plus"] for row in report["sweep"] if row["ds_plus"]["cost_ratio"] <= 0.31]
+    assert pick["point"]["accuracy"] == max(point["accuracy"] for point in within)
+
+    tied = run_eval(*args, "--out", str(tmp_path / "tied"), "--cost-cap", "none")
+    assert tied["cost_cap"] is None and tied["recommended"]["goal"] == "cheapest_at_llm_accuracy"
+    for bad in ("1.5", "a third"):
+        result = CliRunner().invoke(command, [*args, "--out", str(tmp_path / "bad"), "--cost-cap", bad])
+        assert result.exit_code == 2 and "--cost-cap" in result.output
+
+
 def test_eval_refuses_a_replay_file_that_lacks_answers(tmp_path: Path, labelled: Path, model_dir: Path) -> None:
     replay = write_jsonl(tmp_path / "replay.jsonl", [{"id": "positive-0", "label": "positive"}])
     result = CliRunner().invoke(
