@@ -32,7 +32,7 @@ from consumer.offline.train.features import (
     feature_spec,
     train_tokenizer,
 )
-from consumer.small.calibration import fit_temperature
+from consumer.small.calibration import fit_temperature, nll
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = 0
     max_iter: int = 5_000
     final_model: FinalModel = "fold_average"
+    # How C is chosen from the out-of-fold logits: the highest accuracy, or the lowest log-loss after the
+    # temperature (calibrated probabilities, what the router reads; `shunt distill` uses it, docs/l4s.md).
+    select_c_by: Literal["accuracy", "nll"] = "accuracy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,7 @@ class CrossValidation:
     c: float
     accuracy: dict[float, float]
     oof_logits: Floats
+    nll: dict[float, float] = field(default_factory=dict)  # after each C's own temperature
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,23 +177,29 @@ def fold_ids(targets: Floats, folds: int, seed: int) -> Ints:
 
 
 def cross_validate(logits_fn: LogitsFn, targets: Floats, config: TrainConfig, progress: Progress) -> CrossValidation:
-    """Pick C by k-fold accuracy; keep that C's out-of-fold logits for the temperature."""
+    """Pick C by k-fold accuracy or calibrated log-loss (``select_c_by``); keep that C's out-of-fold logits
+    for the temperature."""
+    if not config.c_grid:
+        raise ValueError("TrainConfig.c_grid is empty")
     folds = fold_ids(targets, config.folds, config.seed)
     hard = targets.argmax(axis=1)
-    best: tuple[float, float, Floats] | None = None
     accuracy: dict[float, float] = {}
+    losses: dict[float, float] = {}
+    logits: dict[float, Floats] = {}
     for c in config.c_grid:
         oof = np.zeros_like(targets)
         for k in range(config.folds):
             fit_idx, eval_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
             oof[eval_idx] = logits_fn(fit_idx, eval_idx, c)
         accuracy[c] = float((oof.argmax(axis=1) == hard).mean())
-        progress(f"C={c:g}: {config.folds}-fold accuracy {accuracy[c]:.4f}")
-        if best is None or accuracy[c] > best[1]:
-            best = (c, accuracy[c], oof)
-    if best is None:
-        raise ValueError("TrainConfig.c_grid is empty")
-    return CrossValidation(c=best[0], accuracy=accuracy, oof_logits=best[2])
+        losses[c] = nll(oof, targets, fit_temperature(oof, targets))
+        logits[c] = oof
+        progress(f"C={c:g}: {config.folds}-fold accuracy {accuracy[c]:.4f}, calibrated log-loss {losses[c]:.4f}")
+    if config.select_c_by == "nll":
+        best = min(config.c_grid, key=lambda c: losses[c])  # ties go to the first, the most regularised
+    else:
+        best = max(config.c_grid, key=lambda c: accuracy[c])
+    return CrossValidation(c=best, accuracy=accuracy, oof_logits=logits[best], nll=losses)
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,7 +127,11 @@ def _baselines(
 
 
 def _cv(cv: CrossValidation) -> dict[str, Any]:
-    return {"c": cv.c, "accuracy_by_c": {f"{c:g}": round(a, 4) for c, a in cv.accuracy.items()}}
+    return {
+        "c": cv.c,
+        "accuracy_by_c": {f"{c:g}": round(a, 4) for c, a in cv.accuracy.items()},
+        "nll_by_c": {f"{c:g}": round(loss, 4) for c, loss in cv.nll.items()},
+    }
 
 
 def _data_summary(

@@ -216,3 +216,27 @@ def test_the_shipped_model_is_the_average_of_the_chosen_c_fold_models_unless_ref
     assert refit.temperature == averaged.temperature and not np.allclose(refit.model.table, averaged.model.table)
     with pytest.raises(ValueError, match="no models"):
         training.average_models([])
+
+
+def test_c_is_chosen_by_accuracy_or_by_calibrated_log_loss() -> None:
+    # Two made-up C: "1" is right more often but sure of its mistakes and unsure when right; "2" is wrong a
+    # little more often, only ever unsure when wrong. Accuracy picks 1, calibrated log-loss picks 2.
+    n = 100
+    truth = np.arange(n) % 2
+    targets = np.eye(2)[truth]
+
+    def logits_fn(fit_idx: np.ndarray, eval_idx: np.ndarray, c: float) -> np.ndarray:
+        sign = np.where(truth[eval_idx] == 1, 1.0, -1.0)
+        wrong = eval_idx % 10 == 0 if c == 1.0 else eval_idx % 10 <= 1
+        margin = np.where(wrong, -3.0, 0.3) if c == 1.0 else np.where(wrong, -0.1, 3.0)
+        z = sign * margin
+        return np.stack([-z / 2, z / 2], axis=1)
+
+    config = training.TrainConfig(c_grid=(1.0, 2.0), folds=5)
+    by_accuracy = training.cross_validate(logits_fn, targets, config, lambda _m: None)
+    assert by_accuracy.c == 1.0 and by_accuracy.accuracy == {1.0: 0.9, 2.0: 0.8}
+    by_loss = training.cross_validate(
+        logits_fn, targets, dataclasses.replace(config, select_c_by="nll"), lambda _m: None
+    )
+    assert by_loss.c == 2.0 and by_loss.nll[2.0] < by_loss.nll[1.0]
+    np.testing.assert_array_equal(by_loss.oof_logits.argmax(axis=1) == truth, np.arange(n) % 10 > 1)
