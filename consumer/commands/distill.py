@@ -67,6 +67,8 @@ def _config(options: dict[str, Any], settings: Settings, base: Path) -> distill.
         tolerance=options["tolerance"] / 100,
         threshold=threshold,
         seed=options["seed"],
+        original_targets=options["original_targets"],
+        self_weight=options["self_weight"],
         train=train,
     )
 
@@ -89,6 +91,11 @@ def _settings(options: dict[str, Any]) -> Settings:
 @click.option("--topic", help="The distill topic (topics.distill, default reviews.distill).")
 @click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read distill.v1 records from this JSONL file instead of the topic.")  # fmt: skip
+@click.option("--self-labels/--no-self-labels", default=True, show_default=True,
+              help="Also train on the small path's own outputs (topics.output joined by id to topics.input's "
+                   "reviews): the rest of a new domain, which the distill topic never holds.")  # fmt: skip
+@click.option("--self-labels-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='Self-labels from this JSONL file of {"id", "text", "label"} instead of the topics.')  # fmt: skip
 @click.option("--base-model", type=click.Path(file_okay=False, path_type=Path),
               help="The model to improve (default model.path).")  # fmt: skip
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: env SHUNT_DATA_DIR.")
@@ -108,6 +115,20 @@ def _settings(options: dict[str, Any]) -> Settings:
               help="Weight of one LLM-labelled review relative to one original review.")  # fmt: skip
 @click.option("--max-new-share", type=click.FloatRange(0.01, 0.99), default=0.5, show_default=True,
               help="Cap on the LLM-labelled reviews' share of the total weight.")  # fmt: skip
+@click.option(
+    "--self-weight",
+    type=click.FloatRange(0.0),
+    default=1.0,
+    show_default=True,
+    help="Weight of one self-label relative to one original review (together at most the original's).",
+)
+@click.option(
+    "--original-targets",
+    type=click.Choice(["labels", "base"]),
+    default="labels",
+    show_default=True,
+    help="Train the original reviews on their labels, or on the base model's probabilities.",
+)
 @click.option("--llm-accuracy", type=click.FloatRange(0.5, 1.0), default=0.94, show_default=True,
               help="How often the LLM is right; its labels are smoothed by the rest.")  # fmt: skip
 @click.option("--vocab-size", type=click.IntRange(100, 200_000), default=20_000, show_default=True)
@@ -123,8 +144,9 @@ def command(**options: Any) -> None:
     console.print(f"{len(rows)} distill rows from {source}")
     report_domains = _split(options["report_domains"]) or []
     inputs = distill.build_inputs(
-        base, rows, options["data_dir"], _split(options["domains"]), report_domains, progress=console.print
-    )
+        base, rows, options["data_dir"], _split(options["domains"]), report_domains, progress=console.print,
+        self_labels=_self_labels(options, settings),
+    )  # fmt: skip
     outcome = distill.run(inputs, options["out"], _config(options, settings, base), console.print)
     Console().print(render(outcome.report))
     _summarise(outcome.report)
@@ -140,11 +162,22 @@ def command(**options: Any) -> None:
         console.print(f"promoted: {options['promote']} -> {outcome.path}")
 
 
+def _self_labels(options: dict[str, Any], settings: Settings) -> list[distill.SelfLabel]:
+    """From --self-labels-file; else, reading the distill topic, from the output and input topics."""
+    file = options["self_labels_file"]
+    if file is None and (options["file"] is not None or not options["self_labels"]):
+        return []
+    found, source = distill.load_self_labels(settings, file, options["timeout"], progress=console.print)
+    console.print(f"{len(found)} self-labels from {source}")
+    return found
+
+
 def _summarise(report: dict[str, Any]) -> None:
     data, stages, verdict = report["data"], report["training"], report["verdict"]
     console.print(
         f"records {data['records']} (duplicates {data['duplicates']}, unknown label {data['unknown_label']}, "
-        f"in test sets {data['in_evaluation_sets']}): trained on {data['train']}, held out {data['holdout']}"
+        f"in test sets {data['in_evaluation_sets']}): trained on {data['train']}, held out {data['holdout']}; "
+        f"{data['self_labels']} self-labels"
     )
     for name, entry in report["evaluation"].items():
         flips, change = entry["flips"], entry["change"]["accuracy"]

@@ -152,6 +152,48 @@ def test_verdict_gates_only_the_original_holdout() -> None:
     assert not passed and "-0.60 points" in reason
 
 
+def test_self_labels_are_the_small_paths_outputs_joined_to_their_reviews() -> None:
+    outputs: list[Any] = [
+        {"id": "a", "source": "small", "label": "positive"},
+        {"id": "b", "source": "large", "label": "negative"},  # the LLM's answer: the distill topic has it
+        {"id": "c", "source": "fallback", "label": "negative"},
+        {"id": "d", "source": "small", "label": "negative"},  # its review is gone (retention)
+        {"id": "e", "source": "small", "label": "negative"},
+        {"id": "e", "source": "small", "label": "positive"},  # re-delivered: the last wins
+        None,
+    ]
+    reviews_read: list[Any] = [
+        {"id": "e", "text": "sturdy pan"}, {"id": "a", "text": "keeps tea hot"}, {"id": "b", "text": "leaks"},
+        {"id": "x", "text": "never labelled"}, "not an object", None,
+    ]  # fmt: skip
+    found, counts = distill.selflabels.join(outputs, reviews_read)
+    assert found == [
+        distill.SelfLabel("a", "keeps tea hot", "positive"),
+        distill.SelfLabel("e", "sturdy pan", "positive"),
+    ]
+    assert counts == {"small_outputs": 3, "other_outputs": 3, "without_input": 1}
+    assert distill.selflabels.usable(found, {"keeps tea hot"}, set()) == found[1:]  # a test review: never trained
+    assert distill.selflabels.usable(found, set(), {"e"}) == found[:1]  # the LLM answered it too: its label wins
+    assert distill.selflabels.cap_weight(100, 1000) == 1.0
+    assert distill.selflabels.cap_weight(4000, 1000) * 4000 == pytest.approx(1000)  # never outweigh the original
+
+
+def test_self_labels_join_stage_two_and_the_report(world: dict[str, Any], tmp_path: Path) -> None:
+    rows = reviews(120, seed=9, hard_share=0.0, prefix="self")
+    own = [distill.SelfLabel(r["id"], r["text"], r["label"]) for r in rows]
+    own.append(distill.SelfLabel("in-test", world["test"][0]["text"], world["test"][0]["label"]))
+    hard = as_records(world["hard"])
+    own.append(distill.SelfLabel(hard[0].id, hard[0].text, hard[0].llm_label))  # the LLM answered this one
+    inputs = distill.Inputs(world["base"], hard, world["train"], world["test"], self_labels=own)
+    outcome = distill.run(inputs, tmp_path, FAST)
+    report = outcome.report
+    assert report["data"]["self_labels"] == 120  # not the test review, not the one the LLM answered
+    assert report["training"]["stage2"]["self_labels"] == 120
+    assert report["training"]["stage2"]["self_label_weight"] == 1.0
+    assert report["options"]["original_targets"] == "labels"
+    assert outcome.passed
+
+
 # --- the whole run ----------------------------------------------------------------------------------
 
 
@@ -178,6 +220,7 @@ def test_distilling_hard_reviews_helps_where_the_model_was_weak(
         "domains": None,
         "split_seed": datasets.DEFAULT_SPLIT_SEED,
         "test_share": 0.2,
+        "uci_weight": 0.0,
     }
     assert orjson.loads((outcome.path / distill.REPORT_FILE).read_bytes()) == report
 
@@ -269,12 +312,35 @@ def test_read_topic_names_a_missing_topic() -> None:
 
 @pytest.mark.kafka
 def test_cli_from_the_topic(world: dict[str, Any], topics: kafka.Topics, tmp_path: Path) -> None:
-    topic = topics.make("distill", partitions=2)
+    topic, output, source = topics.make("distill", partitions=2), topics.make("labeled"), topics.make("reviews", 2)
     kafka.produce(topic, [orjson.dumps(distill_message(r)) for r in as_records(world["hard"])])
+    own = reviews(60, seed=10, hard_share=0.0, prefix="own")
+    kafka.produce_reviews(source, [{"id": r["id"], "text": r["text"]} for r in own])
+    decided = [{"id": r["id"], "source": "small", "label": r["label"]} for r in own[:50]]
+    kafka.produce(output, [orjson.dumps(d) for d in decided] + [b"not json"])
     args = ["--bootstrap", kafka.bootstrap(), "--topic", topic, "--data-dir", str(world["data_dir"]),
             "--base-model", str(world["base"]), "--out", str(tmp_path), "--vocab-size", "400"]  # fmt: skip
-    result = CliRunner().invoke(distill_command, args, catch_exceptions=False)
+    env = {"SHUNT_TOPICS__OUTPUT": output, "SHUNT_TOPICS__INPUT": source}
+    result = CliRunner().invoke(distill_command, args, catch_exceptions=False, env=env)
     assert result.exit_code == 0, result.output
     (written,) = list(tmp_path.iterdir())
     report = orjson.loads((written / distill.REPORT_FILE).read_bytes())
     assert report["data"]["records"] == len(world["hard"]) and report["verdict"]["passed"]
+    assert report["data"]["self_labels"] == 50  # the ten reviews without a small-path output are not labels
+    assert report["options"]["final_model"] == "refit"  # the fold average would shrink a new domain's weights
+
+
+@pytest.mark.kafka
+def test_cli_names_a_missing_output_topic_and_no_self_labels_skips_it(
+    world: dict[str, Any], topics: kafka.Topics, tmp_path: Path
+) -> None:
+    topic = topics.make("distill")
+    kafka.produce(topic, [orjson.dumps(distill_message(r)) for r in as_records(world["hard"])])
+    args = ["--bootstrap", kafka.bootstrap(), "--topic", topic, "--data-dir", str(world["data_dir"]),
+            "--base-model", str(world["base"]), "--out", str(tmp_path), "--vocab-size", "400",
+            "--timeout", "10"]  # fmt: skip
+    env = {"SHUNT_TOPICS__OUTPUT": kafka.unique("missing"), "SHUNT_TOPICS__INPUT": kafka.unique("missing")}
+    with pytest.raises(distill.DistillError, match="cannot read the self-labels"):
+        CliRunner().invoke(distill_command, args, catch_exceptions=False, env=env)
+    result = CliRunner().invoke(distill_command, [*args, "--no-self-labels"], catch_exceptions=False, env=env)
+    assert result.exit_code == 0, result.output

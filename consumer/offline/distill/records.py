@@ -82,12 +82,13 @@ def read_topic(conf: Mapping[str, Any], topic: str, timeout_s: float = 120.0) ->
     """Every message of ``topic`` from the beginning to the high watermarks seen at the start, decoded
     (None for a value that is not JSON). Reads without a group: nothing is committed, nobody rebalances."""
     try:
-        return [_decode(m.value) for m in read_topics(conf, [topic], timeout_s)]
+        return [decode(m.value) for m in read_topics(conf, [topic], timeout_s)]
     except TopicReadError as exc:
         raise DistillError(f"cannot read the distill topic: {exc}") from None
 
 
-def _decode(value: bytes | None) -> Any:
+def decode(value: bytes | None) -> Any:
+    """A message value as JSON; None for no value or one that is not JSON."""
     try:
         return orjson.loads(value) if value is not None else None
     except orjson.JSONDecodeError:
@@ -96,15 +97,17 @@ def _decode(value: bytes | None) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Provenance:
-    """Which original data a model was trained on: the domains and the split that held its test set out."""
+    """Which original data a model was trained on: the domains, the split that held its test set out, and
+    the weight of the extra UCI sentences."""
 
     domains: tuple[str, ...] | None = None
     split_seed: int = datasets.DEFAULT_SPLIT_SEED
     test_share: float = 0.2
+    uci_weight: float = 0.0  # the UCI sentences' weight in every fit (0: not used)
 
     def as_json(self) -> dict[str, Any]:
         return {"domains": list(self.domains) if self.domains else None, "split_seed": self.split_seed,
-                "test_share": self.test_share}  # fmt: skip
+                "test_share": self.test_share, "uci_weight": self.uci_weight}  # fmt: skip
 
 
 def provenance(model: Path) -> Provenance:
@@ -119,6 +122,7 @@ def provenance(model: Path) -> Provenance:
                 tuple(domains) if domains else None,
                 int(found.get(seed_key, datasets.DEFAULT_SPLIT_SEED)),
                 float(found.get("test_share", 0.2)),
+                float(found.get("uci_weight", 0.0)),
             )
     return Provenance()
 

@@ -43,7 +43,8 @@ from consumer.offline.distill.records import (
     eval_set,
     split_holdout,
 )
-from consumer.offline.distill.stages import Candidate, DistillConfig, Progress, two_stage
+from consumer.offline.distill.selflabels import SelfLabel, usable
+from consumer.offline.distill.stages import Candidate, DistillConfig, Mix, Progress, two_stage
 from consumer.small.scoring import OnnxScorer
 
 log = structlog.get_logger(__name__)
@@ -62,6 +63,8 @@ class Inputs:
     old_test: Sequence[Row]
     origin: Provenance = field(default_factory=Provenance)
     extra_tests: Mapping[str, Sequence[Row]] = field(default_factory=dict)
+    self_labels: Sequence[SelfLabel] = ()
+    extra_rows: Sequence[Row] = ()  # joined every fit of the base model at origin.uci_weight (the UCI sentences)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +89,36 @@ def run(inputs: Inputs, out: Path | None, config: DistillConfig, progress: Progr
     data |= {"train": len(train_records), "holdout": len(held), "original_train": len(inputs.old_train)}
     if not train_records:
         raise DistillError(f"no distill records left to train on ({data})")
-    say(f"scoring {len(inputs.old_train)} original training reviews with the base model (soft targets)")
-    old_probs = chunked_probs(base.probabilities, [str(r["text"]) for r in inputs.old_train])
+    self_labels = usable(inputs.self_labels, _tested(sets), {r.id for r in records})
+    data["self_labels"] = len(self_labels)
+    mix = Mix(inputs.old_train, _old_targets(inputs, base, config), self_labels, _extra(inputs, base.labels))
     tokenizer = Tokenizer.from_file(str(inputs.base / "tokenizer.json")) if config.keep_tokenizer else None
-    candidate = two_stage(
-        inputs.old_train, old_probs, train_records, base.labels, config=config, progress=say, tokenizer=tokenizer
-    )
+    candidate = two_stage(mix, train_records, base.labels, config=config, progress=say, tokenizer=tokenizer)
     sets.append(EvalSet("hard_holdout", [r.text for r in held], [r.llm_label for r in held]))
     folder = Path(out) if out is not None else inputs.base.resolve().parent
     return _finish(inputs, base, candidate, sets=sets, folder=folder, config=config, data=data)
+
+
+def _old_targets(inputs: Inputs, base: OnnxScorer, config: DistillConfig) -> training.Floats:
+    """The original rows' targets: their labels, or (``original_targets="base"``) the base model's
+    probabilities, for a base model that knows more than its training labels say (a user's own teacher)."""
+    texts = [str(r["text"]) for r in inputs.old_train]
+    if config.original_targets == "base":
+        log.info("distill.scoring_original", reviews=len(texts))
+        return chunked_probs(base.probabilities, texts)
+    return training.one_hot([str(r["label"]) for r in inputs.old_train], base.labels)
+
+
+def _extra(inputs: Inputs, labels: Sequence[str]) -> training.ExtraData | None:
+    if not inputs.extra_rows or inputs.origin.uci_weight <= 0:
+        return None
+    rows = inputs.extra_rows
+    targets = training.one_hot([str(r["label"]) for r in rows], labels)
+    return training.ExtraData([str(r["text"]) for r in rows], targets, inputs.origin.uci_weight)
+
+
+def _tested(sets: Sequence[EvalSet]) -> set[str]:
+    return {normalise_text(text) for found in sets for text in found.texts}
 
 
 def _eval_sets(inputs: Inputs) -> list[EvalSet]:
@@ -110,7 +134,7 @@ def select_records(
     the order, so without it the same answers could give a different model."""
     unique = sorted(dedupe(records), key=lambda record: record.id)
     known = [r for r in unique if r.llm_label in labels]
-    tested = {normalise_text(text) for found in sets for text in found.texts}
+    tested = _tested(sets)
     kept = [r for r in known if normalise_text(r.text) not in tested]
     data = {
         "records": len(records),
@@ -192,5 +216,8 @@ def _report(
             "threshold": config.threshold,
             "seed": config.seed,
             "c_grid": list(config.train.c_grid),
+            "original_targets": config.original_targets,
+            "self_weight": config.self_weight,
+            "final_model": config.train.final_model,
         },
     }

@@ -2,9 +2,11 @@
 
 * **stage 1** fits the LLM-labelled hard reviews alone. Its out-of-fold probabilities say, for each
   record, whether a model that never saw that record agrees with the LLM: the record's *confidence*.
-* **stage 2** fits the mix: the original training data with the OLD model's probabilities as soft
-  targets (so it does not forget), and the hard reviews with the LLM's labels smoothed by the LLM's
-  accuracy, each weighted by its stage-1 confidence, their total weight capped so they never swamp.
+* **stage 2** fits the mix: the original training data with its labels (or, ``original_targets="base"``,
+  the old model's probabilities) and the extra data the base model was trained with, so it does not forget;
+  the stream's self-labels (the small path's own confident outputs) so it learns the rest of a new domain;
+  and the hard reviews with the LLM's labels smoothed by the LLM's accuracy, each weighted by its stage-1
+  confidence, their total weight capped so they never swamp.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from consumer.offline import train as training
 from consumer.offline.distill.records import DistillRecord, Row
+from consumer.offline.distill.selflabels import SelfLabel, cap_weight
 from consumer.small.calibration import fit_temperature, softmax
 
 Progress = Callable[[str], None]
@@ -37,6 +40,8 @@ class DistillConfig:
     seed: int = 0
     keep_tokenizer: bool = False  # True: reuse the base model's tokenizer instead of one fitted on the mix
     confidence_weights: bool = True  # False: every new record weighs the same (stage 1 is then a diagnostic)
+    original_targets: Literal["labels", "base"] = "labels"  # base: the old model's probabilities (a teacher)
+    self_weight: float = 1.0  # one self-label counts like one original review, together at most as much
     train: training.TrainConfig = field(default_factory=training.TrainConfig)
 
 
@@ -94,44 +99,71 @@ def new_weight(confidence: training.Floats, n_old: int, config: DistillConfig) -
     return min(config.new_weight, cap_total / total) if total > 0 else config.new_weight
 
 
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """Stage 2's data besides the LLM's records: the original rows with their targets, the self-labels,
+    and the extra data (e.g. the UCI sentences) the base model was trained with."""
+
+    old: Sequence[Row]
+    old_targets: training.Floats
+    self_labels: Sequence[SelfLabel] = ()
+    extra: training.ExtraData | None = None
+
+
 def two_stage(
-    old: Sequence[Row], old_probs: training.Floats, new: Sequence[DistillRecord], labels: Sequence[str], *,
+    mix: Mix, new: Sequence[DistillRecord], labels: Sequence[str], *,
     config: DistillConfig, progress: Progress, tokenizer: Tokenizer | None = None,
 ) -> Candidate:  # fmt: skip
     """Stage 1 on the new records, stage 2 on the mix; the temperature is refitted against the truth.
 
     Without ``tokenizer`` one is fitted on the mix, so the new domain's words get whole tokens too."""
-    old_texts, new_texts = [str(r["text"]) for r in old], [r.text for r in new]
+    old_texts, self_texts, new_texts = (
+        [str(r["text"]) for r in mix.old],
+        [s.text for s in mix.self_labels],
+        [r.text for r in new],
+    )
     train_config = config.train
     if tokenizer is None:
-        progress(f"tokenizer: BPE (vocab {train_config.vocab_size}) on {len(old_texts)} original + {len(new)} new")
-        tokenizer = training.train_tokenizer(old_texts + new_texts, train_config.vocab_size, train_config.min_frequency)
+        progress(f"tokenizer: BPE (vocab {train_config.vocab_size}) on {len(old_texts)} original + "
+                 f"{len(self_texts)} self-labelled + {len(new)} new")  # fmt: skip
+        tokenizer = training.train_tokenizer(
+            old_texts + self_texts + new_texts, train_config.vocab_size, train_config.min_frequency
+        )
     new_targets = llm_targets([r.llm_label for r in new], labels, config.llm_accuracy)
     progress(f"stage 1: {len(new)} LLM-labelled hard reviews alone")
     first = stage_one(new_texts, new_targets, labels, tokenizer, train_config)
     confidence = first.confidence if config.confidence_weights else np.ones(len(new))
-    weight = new_weight(confidence, len(old), config)
-    weights = np.concatenate([np.ones(len(old)), weight * confidence])
-    progress(f"stage 2: {len(old)} original (old model's probabilities) + {len(new)} new (weight {weight:.3g})")
+    weight = new_weight(confidence, len(mix.old), config)
+    self_weight = cap_weight(len(self_texts), len(mix.old), config.self_weight)
+    self_targets = training.one_hot([s.label for s in mix.self_labels], labels)
+    weights = np.concatenate([np.ones(len(mix.old)), np.full(len(self_texts), self_weight), weight * confidence])
+    progress(f"stage 2: {len(mix.old)} original + {len(self_texts)} self-labelled (weight {self_weight:.3g}) + "
+             f"{len(new)} new (weight {weight:.3g})")  # fmt: skip
     mixed = training.train(
-        old_texts + new_texts, np.vstack([old_probs, new_targets]), labels,
-        sample_weight=weights, config=train_config, tokenizer=tokenizer, progress=progress,
+        old_texts + self_texts + new_texts, np.vstack([mix.old_targets, self_targets, new_targets]), labels,
+        sample_weight=weights, config=train_config, tokenizer=tokenizer, progress=progress, extra=mix.extra,
     )  # fmt: skip
-    truth = np.vstack([training.one_hot([str(r["label"]) for r in old], labels), new_targets])
-    temperature = fit_temperature(mixed.cv.oof_logits, truth)
+    # The temperature is fitted where the label is the truth or the stream's own: the original rows and the
+    # self-labels, a fair sample of what the router will see. Not on the LLM's records: they are the hardest
+    # reviews by selection and 1 - llm_accuracy of their labels are wrong, so they would make every review
+    # look less certain than it is (docs/l4s.md: shunt rate on a new domain -21% relative with them, -24%
+    # without, the same accuracy).
+    known = np.vstack([training.one_hot([str(r["label"]) for r in mix.old], labels), self_targets])
+    temperature = fit_temperature(mixed.cv.oof_logits[: len(known)], known)
     trained = dataclasses.replace(mixed, temperature=temperature)
-    summary = _training_summary(first, trained, weight, weights, len(old))
+    summary = _training_summary(first, trained, weight, weights, len(mix.old) + len(self_texts))
+    summary["stage2"] |= {"self_labels": len(self_texts), "self_label_weight": round(self_weight, 4)}
     return Candidate(trained, first, weight, summary)
 
 
 def _training_summary(
-    first: StageOne, trained: training.TrainedModel, weight: float, weights: training.Floats, n_old: int
+    first: StageOne, trained: training.TrainedModel, weight: float, weights: training.Floats, n_known: int
 ) -> dict[str, Any]:
     stage1: dict[str, Any] = {"status": first.note, "mean_confidence": round(float(first.confidence.mean()), 4),
                               "agreeing_share": round(float((first.confidence >= 1.0).mean()), 4)}  # fmt: skip
     if first.trained is not None:
         stage1 |= {"c": first.trained.cv.c, "cv_accuracy": round(first.trained.cv.accuracy[first.trained.cv.c], 4)}
-    new_total = float(weights[n_old:].sum())
+    new_total = float(weights[n_known:].sum())
     return {
         "stage1": stage1,
         "stage2": {
