@@ -5,9 +5,10 @@ review the small model was unsure of. Two-stage confidence distillation turns th
 
 * **stage 1** fits the LLM-labelled hard reviews alone. Its out-of-fold probabilities say, for each
   record, whether a model that never saw that record agrees with the LLM: the record's *confidence*.
-* **stage 2** fits the mix: the original training data with the OLD model's probabilities as soft
-  targets (so it does not forget), and the hard reviews with the LLM's labels smoothed by the LLM's
-  accuracy, each weighted by its stage-1 confidence, their total weight capped so they never swamp.
+* **stage 2** fits the mix: the original training data as the base model was trained on it (so it does
+  not forget), the stream's self-labels (the small path's own outputs: the rest of a new domain), and the
+  hard reviews with the LLM's labels smoothed by the LLM's accuracy, each weighted by its stage-1
+  confidence, their total weight capped so they never swamp.
 
 The candidate is scored with the service's own scorer on the original held-out split (the gate: not
 worse than the base model beyond a tolerance) and on a held-out share of the distill records that no
