@@ -308,7 +308,9 @@ def main(**options: Any) -> None:
         quix = peer(topics, source, count) if options["peer"] else None
         console.print("passthrough (confluent-kafka)")
         pass_run = kafka_alone(topics, source, count)
-        profiled = profile_run(topics, source, count, Variant("default", {})) if options["profile"] else None
+        profiled = None
+        if options["profile"]:
+            profiled = profile_run(topics, source, count, Variant("default", {}), run["throughput"]["steady_per_s"])
     summary = summarise(scores, run, quix, pass_run)
     render(summary, run, quix, pass_run)
     if profiled:

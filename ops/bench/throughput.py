@@ -101,17 +101,25 @@ def service_run(topics: Topics, source: str, count: int, variant: Variant, label
     }
 
 
-def profile_run(topics: Topics, source: str, count: int, variant: Variant) -> dict[str, Any]:
-    """One more run of ``variant``, sampled by py-spy once outputs flow; not in the medians."""
+def profile_run(topics: Topics, source: str, count: int, variant: Variant, rate: float | None = None) -> dict[str, Any]:
+    """One more run of ``variant``, sampled by py-spy once outputs flow; not in the medians. With ``rate``
+    (the variant's measured reviews/s) the window ends well before the run does: a window that outlives the
+    work dilutes every share with shutdown and reads the threads' CPU after the scoring threads are gone."""
     settings = service_settings(topics, source, "profile", count)
     output = settings["topics__output"]
+    flowing = min(5_000, count // 10)  # past start-up, well before the end
+    seconds = PROFILE_SECONDS if rate is None else profile_seconds(count - flowing, rate)
     with start_service("throughput-profile", topics.bootstrap, settings, variant.env) as child:
-        flowing = min(5_000, count // 10)  # past start-up, well before the end
         wait_for(lambda: outputs_in(topics.bootstrap, output) > flowing, 120, 0.5)
-        result = profile(child.pid, PROFILE_SECONDS)
+        result = profile(child.pid, seconds)
         child.wait(timeout_s=900)
     topics.delete_outputs(settings)
     return result | {"variant": variant.name}
+
+
+def profile_seconds(remaining: int, rate: float) -> int:
+    """A py-spy window inside the rest of a run: 60% of the time ``remaining`` reviews take at ``rate``."""
+    return max(2, min(PROFILE_SECONDS, int(0.6 * remaining / rate)))
 
 
 def one_repeat(
