@@ -172,8 +172,9 @@ def test_self_labels_are_the_small_paths_outputs_joined_to_their_reviews() -> No
         distill.SelfLabel("e", "sturdy pan", "positive"),
     ]
     assert counts == {"small_outputs": 3, "other_outputs": 3, "without_input": 1}
-    assert distill.selflabels.usable(found, {"keeps tea hot"}, set()) == found[1:]  # a test review: never trained
-    assert distill.selflabels.usable(found, set(), {"e"}) == found[:1]  # the LLM answered it too: its label wins
+    assert distill.selflabels.usable(found, {"keeps tea hot"}, set(), LABELS) == found[1:]  # a test review
+    assert distill.selflabels.usable(found, set(), {"e"}, LABELS) == found[:1]  # the LLM answered it: its label wins
+    assert distill.selflabels.usable(found, set(), set(), ("neg", "pos")) == []  # another model's label set
     assert distill.selflabels.cap_weight(100, 1000) == 1.0
     assert distill.selflabels.cap_weight(4000, 1000) * 4000 == pytest.approx(1000)  # never outweigh the original
 

@@ -90,7 +90,7 @@ def run(inputs: Inputs, out: Path | None, config: DistillConfig, progress: Progr
     data |= {"train": len(train_records), "holdout": len(held), "original_train": len(inputs.old_train)}
     if not train_records:
         raise DistillError(f"no distill records left to train on ({data})")
-    self_labels = usable(inputs.self_labels, _tested(sets), {r.id for r in records})
+    self_labels = usable(inputs.self_labels, _tested(sets), {r.id for r in records}, base.labels)
     data["self_labels"] = len(self_labels)
     mix = Mix(inputs.old_train, _old_targets(inputs, base, config), self_labels, _extra(inputs, base.labels))
     tokenizer = Tokenizer.from_file(str(inputs.base / "tokenizer.json")) if config.keep_tokenizer else None

@@ -69,7 +69,9 @@ def cap_weight(count: int, n_original: int, weight: float = 1.0) -> float:
     return min(weight, n_original / count) if count else weight
 
 
-def usable(found: Sequence[SelfLabel], tested: set[str], answered: set[str]) -> list[SelfLabel]:
-    """Without reviews whose normalised text is in an evaluation set, and without reviews the LLM answered
-    too (a review audited or answered after a restart: the LLM's label wins)."""
-    return [s for s in found if s.id not in answered and normalise_text(s.text) not in tested]
+def usable(found: Sequence[SelfLabel], tested: set[str], answered: set[str], labels: Sequence[str]) -> list[SelfLabel]:
+    """Without labels the base model does not have (an output of another model), reviews whose normalised
+    text is in an evaluation set, and reviews the LLM answered too (audited, or answered after a restart:
+    the LLM's label wins)."""
+    known = set(labels)
+    return [s for s in found if s.label in known and s.id not in answered and normalise_text(s.text) not in tested]
