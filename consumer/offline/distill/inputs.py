@@ -13,7 +13,7 @@ from consumer.config import Settings, librdkafka_config
 from consumer.offline import datasets
 from consumer.offline import train as training
 from consumer.offline.distill import selflabels
-from consumer.offline.distill.records import parse_records, provenance, read_file, read_topic
+from consumer.offline.distill.records import has_strings, parse_records, provenance, read_file, read_topic
 from consumer.offline.distill.runner import Inputs
 from consumer.offline.distill.selflabels import SelfLabel
 from consumer.offline.distill.stages import Progress
@@ -38,7 +38,9 @@ def load_self_labels(
     outputs on the output topic joined by id to the input topic's reviews."""
     if file is not None:
         rows = read_file(file)
-        found = [SelfLabel(str(r["id"]), r["text"], r["label"]) for r in rows if _self_label_row(r)]
+        found = [
+            SelfLabel(str(r["id"]), r["text"], r["label"]) for r in rows if has_strings(r, ("id", "text", "label"))
+        ]
         if len(found) < len(rows):
             progress(f"[yellow]skipped {len(rows) - len(found)} self-label rows without a string id, text and label[/]")
         return found, str(file)
@@ -49,10 +51,6 @@ def load_self_labels(
     found, counts = selflabels.join(outputs, reviews)
     progress(f"self-labels: {len(found)} ({counts})")
     return found, f"{topics.output}+{topics.input}@{settings.kafka.bootstrap_servers}"
-
-
-def _self_label_row(row: Any) -> bool:
-    return isinstance(row, dict) and all(isinstance(row.get(k), str) and row.get(k) for k in ("id", "text", "label"))
 
 
 def build_inputs(

@@ -41,13 +41,17 @@ def parse_records(rows: Iterable[Any]) -> tuple[list[DistillRecord], int]:
     records: list[DistillRecord] = []
     skipped = 0
     for row in rows:
-        fields = [row.get(key) for key in ("id", "text", "llm_label")] if isinstance(row, dict) else [None]
-        if not all(isinstance(value, str) and value for value in fields):
+        if not has_strings(row, ("id", "text", "llm_label")):
             skipped += 1
             continue
         version = row.get("model_version")
         records.append(DistillRecord(row["id"], row["text"], row["llm_label"], str(version or "")))
     return records, skipped
+
+
+def has_strings(row: Any, keys: Sequence[str]) -> bool:
+    """Whether ``row`` is an object with a non-empty string under every one of ``keys``."""
+    return isinstance(row, dict) and all(isinstance(row.get(key), str) and row[key] for key in keys)
 
 
 def dedupe(records: Sequence[DistillRecord]) -> list[DistillRecord]:

@@ -100,14 +100,14 @@ def run(inputs: Inputs, out: Path | None, config: DistillConfig, progress: Progr
     return _finish(inputs, base, candidate, sets=sets, folder=folder, config=config, data=data)
 
 
-def _old_targets(inputs: Inputs, base: OnnxScorer, config: DistillConfig) -> training.Floats:
-    """The original rows' targets: their labels, or (``original_targets="base"``) the base model's
+def _old_targets(inputs: Inputs, base: OnnxScorer, config: DistillConfig) -> training.Floats | None:
+    """None: the original rows train on their labels; with ``original_targets="base"``, the base model's
     probabilities, for a base model that knows more than its training labels say (a user's own teacher)."""
+    if config.original_targets != "base":
+        return None
     texts = [str(r["text"]) for r in inputs.old_train]
-    if config.original_targets == "base":
-        log.info("distill.scoring_original", reviews=len(texts))
-        return chunked_probs(base.probabilities, texts)
-    return training.one_hot([str(r["label"]) for r in inputs.old_train], base.labels)
+    log.info("distill.scoring_original", reviews=len(texts))
+    return chunked_probs(base.probabilities, texts)
 
 
 def _extra(inputs: Inputs, labels: Sequence[str]) -> training.ExtraData | None:

@@ -105,7 +105,7 @@ class Mix:
     and the extra data (e.g. the UCI sentences) the base model was trained with."""
 
     old: Sequence[Row]
-    old_targets: training.Floats
+    old_targets: training.Floats | None  # None: the rows' own labels
     self_labels: Sequence[SelfLabel] = ()
     extra: training.ExtraData | None = None
 
@@ -136,11 +136,13 @@ def two_stage(
     weight = new_weight(confidence, len(mix.old), config)
     self_weight = cap_weight(len(self_texts), len(mix.old), config.self_weight)
     self_targets = training.one_hot([s.label for s in mix.self_labels], labels)
+    old_truth = training.one_hot([str(r["label"]) for r in mix.old], labels)
+    old_targets = old_truth if mix.old_targets is None else mix.old_targets
     weights = np.concatenate([np.ones(len(mix.old)), np.full(len(self_texts), self_weight), weight * confidence])
     progress(f"stage 2: {len(mix.old)} original + {len(self_texts)} self-labelled (weight {self_weight:.3g}) + "
              f"{len(new)} new (weight {weight:.3g})")  # fmt: skip
     mixed = training.train(
-        old_texts + self_texts + new_texts, np.vstack([mix.old_targets, self_targets, new_targets]), labels,
+        old_texts + self_texts + new_texts, np.vstack([old_targets, self_targets, new_targets]), labels,
         sample_weight=weights, config=train_config, tokenizer=tokenizer, progress=progress, extra=mix.extra,
     )  # fmt: skip
     # The temperature is fitted where the label is the truth or the stream's own: the original rows and the
@@ -148,7 +150,7 @@ def two_stage(
     # reviews by selection and 1 - llm_accuracy of their labels are wrong, so they would make every review
     # look less certain than it is (docs/l4s.md: shunt rate on a new domain -21% relative with them, -24%
     # without, the same accuracy).
-    known = np.vstack([training.one_hot([str(r["label"]) for r in mix.old], labels), self_targets])
+    known = np.vstack([old_truth, self_targets])
     temperature = fit_temperature(mixed.cv.oof_logits[: len(known)], known)
     trained = dataclasses.replace(mixed, temperature=temperature)
     summary = _training_summary(first, trained, weight, weights, len(mix.old) + len(self_texts))
